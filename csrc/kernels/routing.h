@@ -1,0 +1,92 @@
+// Expert routing and MoE-Spec expert budget: torch-free host interface.
+//
+// Shapes (legend): T tokens, E experts (<= 512), K experts per token (<= 16), Bk kept experts
+// (= min(budget, E)); N = T * K (token, slot) pairs, flat index p = t * K + k.
+//
+//   logits          [T, E]   fp32 | bf16 | fp16, row stride `logits_stride` (elements), unit col stride
+//   bias            [E]      fp32, optional: added to the probabilities for selection only
+//   token_weights   [T]      fp32, optional (default 1): MoE-Spec score weights
+//   protect         [T]      bool, optional: these tokens' natural experts are kept first
+//   weights (out)   [T, K]   fp32
+//   ids (out)       [T, K]   int32, -1 where truncation dropped the slot
+//   kept_experts    [Bk]     int32, ascending expert ids        (only when `group`)
+//   expert_counts   [Bk]     int32                              (only when `group`)
+//   expert_offsets  [Bk + 1] int32, exclusive scan of counts    (only when `group`)
+//   sorted_pairs    [N]      int32, p grouped by kept expert, ascending p within one; -1 padded
+//
+// Semantics (python/specmoe_ext/reference.py is the executable statement):
+//   P[t, :] = softmax(logits[t, :]) or sigmoid(logits[t, :]) in fp32; NaN logits count as -inf.
+//   selection key = logits (no bias; same order as P) or P + bias. Top-K: best first, ties to the
+//   lower expert id. Budget (Bk < E): s[e] = sum_t w_t P[t, e]; keep the Bk best experts by
+//   (protected, s, -e); substitute = re-pick each token's top-K among the kept experts, truncate =
+//   drop natural slots whose expert is not kept. Weights are P at the chosen experts, divided by
+//   their sum when `renormalize` (0 when the sum is 0).
+//
+// Algorithm: a token is one warp (each lane holds E/32 logits in registers); top-K by K rounds of
+// redux.sync max over order-preserving integer keys, then redux.sync min over ids for the tie.
+// T <= kFusedMaxTokens: ONE block does everything (scores, budget selection, re-routing, grouping),
+// synchronising with __syncthreads; grouping uses per-expert token bitmasks (a token uses an expert at
+// most once, so a pair's rank in its expert is a popcount). Larger T: four launches (token pass,
+// select, finalize, group) sharing the same device functions; grouping is a stable counting sort
+// (match.any ranks within a warp, per-warp histograms scanned in (expert, warp) order). No atomics, no host synchronisation: the whole op
+// is CUDA-graph capturable and bitwise deterministic.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace specmoe {
+namespace routing {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class Scoring : int { kSoftmax = 0, kSigmoid = 1 };
+enum class Policy : int { kSubstitute = 0, kTruncate = 1 };
+
+constexpr int kMaxExperts = 512;
+constexpr int kMaxTopK = 16;
+constexpr int kFusedMaxTokens = 128;  // one fused block up to here; four launches above
+
+struct RouteParams {
+  const void* logits = nullptr;
+  int64_t logits_stride = 0;
+  DType logits_dtype = DType::kFloat32;
+  const float* bias = nullptr;
+  const float* token_weights = nullptr;
+  const bool* protect = nullptr;
+  int T = 0, E = 0, K = 0;
+  int num_kept = 0;  // Bk; == E means no budget
+  Scoring scoring = Scoring::kSoftmax;
+  Policy policy = Policy::kSubstitute;
+  bool renormalize = true;
+  bool group = true;  // write kept_experts / expert_counts / expert_offsets / sorted_pairs
+
+  float* weights = nullptr;
+  int32_t* ids = nullptr;
+  int32_t* kept_experts = nullptr;
+  int32_t* expert_counts = nullptr;
+  int32_t* expert_offsets = nullptr;
+  int32_t* sorted_pairs = nullptr;
+
+  void* workspace = nullptr;  // route_workspace_bytes(T, E, K) bytes; unused when T <= kFusedMaxTokens
+};
+
+}  // namespace routing
+}  // namespace specmoe
+
+// The launcher needs the CUDA runtime's types; CPU-only builds use just the definitions above.
+#if defined(__CUDACC__) || defined(SPECMOE_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+namespace specmoe {
+namespace routing {
+
+// Device workspace the launcher needs (0 for the fused single-block path).
+size_t route_workspace_bytes(int T, int E, int K);
+
+// Enqueues the routing on `stream`. Arguments must have been validated by the caller; returns
+// cudaErrorInvalidValue for out-of-range sizes and the launch error otherwise.
+cudaError_t launch_route(const RouteParams& p, cudaStream_t stream);
+
+}  // namespace routing
+}  // namespace specmoe
+#endif

@@ -1,0 +1,95 @@
+// Shared by the CPU and CUDA implementations of the routing ops: argument validation (every check runs
+// before any allocation or kernel, and names the argument, the expectation and the value) and the
+// output allocation. Shapes: see csrc/kernels/routing.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string_view>
+
+#include "../kernels/routing.h"
+#include "check.h"
+
+namespace specmoe {
+
+struct RouteArgs {
+  int64_t T, E, K, num_kept;
+  routing::Scoring scoring;
+  routing::Policy policy;
+  routing::DType dtype;
+};
+
+inline void check_optional_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                  int64_t len, at::ScalarType dtype, const at::Tensor& logits) {
+  if (!t.has_value()) return;
+  SPECMOE_CHECK(t->dim() == 1 && t->size(0) == len, op, ": ", name, " must have shape [", len,
+              "], got ", t->sizes());
+  SPECMOE_CHECK(t->scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t->scalar_type());
+  SPECMOE_CHECK(t->device() == logits.device(), op, ": ", name, " is on ", t->device(),
+              " but logits is on ", logits.device());
+  SPECMOE_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline RouteArgs check_route_args(const char* op, const at::Tensor& logits, int64_t top_k,
+                                  int64_t budget, std::string_view scoring,
+                                  const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& token_weights,
+                                  const std::optional<at::Tensor>& protect, std::string_view policy) {
+  SPECMOE_CHECK(logits.dim() == 2, op, ": logits must be 2-D [T, E], got shape ", logits.sizes());
+  const auto st = logits.scalar_type();
+  SPECMOE_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
+              ": logits must be float32, bfloat16 or float16, got ", st);
+  SPECMOE_CHECK(logits.is_contiguous(), op, ": logits must be contiguous, got strides ",
+              logits.strides(), " (call .contiguous())");
+  RouteArgs a;
+  a.T = logits.size(0);
+  a.E = logits.size(1);
+  a.K = top_k;
+  SPECMOE_CHECK(a.E >= 1 && a.E <= routing::kMaxExperts, op, ": number of experts E = logits.size(1) must be in [1, ",
+              int(routing::kMaxExperts), "], got ", a.E);
+  SPECMOE_CHECK(top_k >= 1 && top_k <= a.E && top_k <= routing::kMaxTopK, op, ": top_k must be in [1, min(E, ",
+              int(routing::kMaxTopK), ")] with E = ", a.E, ", got ", top_k);
+  SPECMOE_CHECK(budget >= top_k, op, ": budget must be >= top_k (", top_k, "), got ", budget);
+  SPECMOE_CHECK(a.T * a.K <= INT32_MAX, op, ": T * top_k must fit in int32, got T = ", a.T);
+  a.num_kept = budget < a.E ? budget : a.E;
+  if (scoring == "softmax") a.scoring = routing::Scoring::kSoftmax;
+  else if (scoring == "sigmoid") a.scoring = routing::Scoring::kSigmoid;
+  else SPECMOE_CHECK(false, op, ": scoring must be 'softmax' or 'sigmoid', got '", scoring, "'");
+  if (policy == "substitute") a.policy = routing::Policy::kSubstitute;
+  else if (policy == "truncate") a.policy = routing::Policy::kTruncate;
+  else SPECMOE_CHECK(false, op, ": policy must be 'substitute' or 'truncate', got '", policy, "'");
+  a.dtype = st == at::kFloat ? routing::DType::kFloat32
+          : st == at::kBFloat16 ? routing::DType::kBFloat16 : routing::DType::kFloat16;
+  check_optional_vector(op, "bias", bias, a.E, at::kFloat, logits);
+  check_optional_vector(op, "token_weights", token_weights, a.T, at::kFloat, logits);
+  check_optional_vector(op, "protect", protect, a.T, at::kBool, logits);
+  return a;
+}
+
+struct RouteOutputs {
+  at::Tensor weights, ids, kept_experts, expert_counts, expert_offsets, sorted_pairs;
+};
+
+inline RouteOutputs alloc_route_outputs(const at::Tensor& logits, const RouteArgs& a, bool group) {
+  const auto i32 = logits.options().dtype(at::kInt);
+  RouteOutputs o;
+  o.weights = at::empty({a.T, a.K}, logits.options().dtype(at::kFloat));
+  o.ids = at::empty({a.T, a.K}, i32);
+  if (group) {
+    o.kept_experts = at::empty({a.num_kept}, i32);
+    o.expert_counts = at::empty({a.num_kept}, i32);
+    o.expert_offsets = at::empty({a.num_kept + 1}, i32);
+    o.sorted_pairs = at::empty({a.T * a.K}, i32);
+  }
+  return o;
+}
+
+using RouteTopkResult = std::tuple<at::Tensor, at::Tensor>;
+using RouteBudgetResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+inline RouteBudgetResult as_budget_result(RouteOutputs o) {
+  return {o.weights, o.ids, o.kept_experts, o.expert_counts, o.expert_offsets, o.sorted_pairs};
+}
+
+}  // namespace specmoe

@@ -1,0 +1,30 @@
+"""Suite-wide fixtures: GPU tests (marked `gpu`) run only with a CUDA device and the CUDA build."""
+import pytest
+import torch
+
+import specmoe_ext
+
+HAVE_GPU = torch.cuda.is_available() and specmoe_ext.cuda_kernels_available()
+_gpu_skipped = []
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_GPU:
+        return
+    why = ("no CUDA device" if not torch.cuda.is_available()
+           else "specmoe_ext was built without CUDA kernels")
+    skip = pytest.mark.skip(reason=f"gpu test: {why}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+            _gpu_skipped.append(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _gpu_skipped:
+        terminalreporter.write_line(f"GPU tests skipped (no GPU here): {len(_gpu_skipped)}")
+
+
+def devices():
+    """Parametrization over the CPU and (marked gpu) CUDA implementations."""
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
