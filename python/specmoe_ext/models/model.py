@@ -1,0 +1,305 @@
+"""A compact decoder (gpt-fast style) covering Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama, Qwen2, Qwen3.
+
+Shape legend: bs requests, T tokens per request in this forward, S KV-cache capacity (slots per request),
+h hidden, V vocab, Hq/Hk query/key-value heads, d head dim, E experts, K experts per token, f expert FFN,
+N = bs*T tokens flattened (what the router and the experts see).
+
+One entry point serves prefill, 1-token decode, and verification of T tree tokens:
+
+    logits = model(tokens [bs, T], positions [bs, T], cache, slots [bs, T], mask [bs, T, S])
+
+  positions  RoPE position ids (tree tokens: prefix_len + depth).
+  slots      where each token's K/V is written in its request's cache row (tree tokens: prefix_len + i);
+             get them from `cache.reserve(n)`, which checks capacity on the host before anything is written.
+  mask       bool, True = query may attend that cache slot (`causal_mask`, `tree_mask` build the usual ones);
+             every query must see at least its own slot. Without a cache, K/V are the T tokens themselves
+             and mask is [bs, T, T] (default causal): the training / plain reference path.
+  moe        optional `MoEControl`: per-layer expert budget + policy (MoE-Spec verification), routing record.
+
+Parameter layout (what the loader fills): attention wqkv [(Hq+2Hk)d, h] = rows of HF q_proj, k_proj,
+v_proj; MoE w13 [E, 2f, h] = HF gate_proj rows then up_proj rows per expert; w2 [E, h, f] = HF down_proj.
+The forward follows transformers 5.17 operation by operation (RMSNorm in float32 then cast, RoPE cos/sin
+cast to the activation dtype, router softmax in float32) so logits match within dtype tolerance.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..routing_types import Routing
+from .config import ModelArgs
+from .moe import moe_experts
+from .rope import apply_rope, inv_freq_and_scale, rope_cos_sin
+
+
+def _route_budget():
+    # Imported lazily so that building a model (e.g. on the meta device to count parameters) does not
+    # need the compiled extension; the forward does.
+    from ..ops import route_budget
+    return route_budget
+
+
+@dataclass
+class MoEControl:
+    """Per-forward knobs for the MoE layers. Default: plain top-K routing, nothing recorded.
+
+    budget         None (plain routing), one int for every MoE layer, or a per-layer sequence indexed by
+                   layer number (None entries = plain routing for that layer). B >= K.
+    policy         "substitute" | "truncate" (see `specmoe_ext.ops.route_budget`).
+    token_weights  [N] float32 weights of the flattened bs*T tokens in the expert scores (default 1).
+    protect        [N] bool: tokens whose natural top-K experts are always kept (e.g. the tree root).
+    record         when a list, each MoE layer appends (layer_index, Routing) -- for stats/benchmarks
+                   (keeps references to device tensors; do not use inside CUDA graph capture).
+    impl           `moe_experts` implementation override ("loop" | "grouped" | "gather").
+    router         routing function override with `ops.route_budget`'s signature (default: that op), e.g.
+                   `reference.route_budget`, which is differentiable in the logits (used for training).
+    The budget applies to all N tokens of the forward together: the expert weights read per layer are
+    shared by the whole batch, so a batch-wide budget is what bounds the traffic.
+    """
+
+    budget: int | Sequence[int | None] | None = None
+    policy: str = "substitute"
+    token_weights: Tensor | None = None
+    protect: Tensor | None = None
+    record: list | None = None
+    impl: str | None = None
+    router: Callable[..., Routing] | None = None
+
+    def budget_for(self, layer: int) -> int | None:
+        if self.budget is None or isinstance(self.budget, int):
+            return self.budget
+        return self.budget[layer]
+
+
+_PLAIN = MoEControl()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.q_size, self.kv_size = args.q_size, args.kv_size
+        self.wqkv = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
+        self.wo = nn.Linear(self.q_size, args.hidden_size, bias=args.o_bias)
+        self.qk_norm, self.clip_qkv = args.qk_norm, args.clip_qkv
+        if args.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        elif args.qk_norm == "full":
+            self.q_norm = RMSNorm(self.q_size, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.kv_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache, slots: Tensor | None, mask: Tensor) -> Tensor:
+        bs, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":  # OLMoE normalizes over the whole projection
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            c = self.clip_qkv
+            q, k, v = q.clamp(-c, c), k.clamp(-c, c), v.clamp(-c, c)
+        q = q.view(bs, T, self.n_heads, self.head_dim)
+        k = k.view(bs, T, self.n_kv_heads, self.head_dim)
+        v = v.view(bs, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # Qwen3 normalizes each head over d
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            cache.write(self.layer, k, v, slots)
+            keys, values = cache.k[self.layer], cache.v[self.layer]        # [bs, Hk, S, d]
+        else:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)            # [bs, Hk, T, d]
+        out = attention(q.transpose(1, 2), keys, values, mask)              # [bs, Hq, T, d]
+        return self.wo(out.transpose(1, 2).reshape(bs, T, self.q_size))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Masked GQA attention (reference, SDPA). q [bs, Hq, T, d], k/v [bs, Hk, S, d], mask bool [bs, T, S]
+    -> [bs, Hq, T, d]. The Hq/Hk query heads sharing a KV head are folded into the query length, so the
+    KV cache is read as is (no repeat_interleave copy of S x d per head)."""
+    bs, Hq, T, d = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    rep = Hq // Hk
+    if rep > 1:
+        q = q.reshape(bs, Hk, rep * T, d)
+        m = mask[:, None, None].expand(bs, 1, rep, T, S).reshape(bs, 1, rep * T, S)
+    else:
+        m = mask[:, None]
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+    return o.reshape(bs, Hq, T, d)
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP with gate/up fused: w13 [2f, h] (gate rows, then up rows), w2 [h, f]."""
+
+    def __init__(self, h: int, f: int, bias: bool = False):
+        super().__init__()
+        self.f = f
+        self.w13 = nn.Linear(h, 2 * f, bias=bias)
+        self.w2 = nn.Linear(f, h, bias=bias)
+
+    def forward(self, x: Tensor, moe: MoEControl = _PLAIN, layer: int = 0) -> Tensor:
+        gu = self.w13(x)
+        return self.w2(F.silu(gu[..., :self.f]) * gu[..., self.f:])
+
+
+class MoEFeedForward(nn.Module):
+    """Router + experts (+ Qwen2-MoE's sigmoid-gated shared expert)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        E, h, f = args.n_experts, args.hidden_size, args.moe_intermediate_size
+        self.n_experts, self.top_k, self.renormalize = E, args.top_k, args.norm_topk_prob
+        self.gate = nn.Linear(h, E, bias=False)
+        self.w13 = nn.Parameter(torch.empty(E, 2 * f, h))
+        self.w2 = nn.Parameter(torch.empty(E, h, f))
+        fs = args.shared_expert_intermediate_size
+        self.shared = DenseMLP(h, fs) if fs else None
+        self.shared_gate = nn.Linear(h, 1, bias=False) if fs else None
+
+    def forward(self, x: Tensor, moe: MoEControl = _PLAIN, layer: int = 0) -> Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])                                  # [N, h]
+        logits = self.gate(xf)                                         # [N, E] in the activation dtype, as HF
+        budget = moe.budget_for(layer)
+        if budget is not None and budget < self.top_k:
+            raise ValueError(f"layer {layer}: expert budget {budget} < top_k {self.top_k}")
+        route = moe.router or _route_budget()
+        routing = route(logits, self.top_k, self.n_experts if budget is None else budget, scoring="softmax", renormalize=self.renormalize,
+                        token_weights=moe.token_weights, protect=moe.protect, policy=moe.policy)
+        if moe.record is not None:
+            moe.record.append((layer, routing))
+        y = moe_experts(xf, self.w13, self.w2, routing, impl=moe.impl)
+        if self.shared is not None:
+            y = y + torch.sigmoid(self.shared_gate(xf)) * self.shared(xf)
+        return y.view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attention = Attention(args, layer)
+        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.moe_layers[layer]:
+            self.ffn = MoEFeedForward(args)
+        else:
+            self.ffn = DenseMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+
+    def forward(self, x, cos, sin, cache, slots, mask, moe: MoEControl) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, slots, mask)
+        return h + self.ffn(self.ffn_norm(h), moe, self.layer)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # Tied embeddings: no separate output matrix (the embedding is used), so meta-device construction,
+        # to_empty() and state dicts never have to re-tie anything.
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        inv, self.rope_scale = inv_freq_and_scale(args.rope, args.head_dim)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    # ---- construction helpers ------------------------------------------------------------------
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (needed after `to_empty()` from the meta device)."""
+        inv, self.rope_scale = inv_freq_and_scale(self.args.rope, self.args.head_dim)
+        self.inv_freq = inv.to(self.tok_embeddings.weight.device)
+
+    @torch.no_grad()
+    def init_random(self, std: float = 0.02, seed: int = 0) -> "Transformer":
+        """Seeded random weights, in place on the parameters' device (HF-style: normal(0, std) matrices,
+        ones for norms, zeros for biases). Cheap on the GPU: no host tensor, no extra copy."""
+        dev = self.tok_embeddings.weight.device
+        g = torch.Generator(device=dev)
+        g.manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=g)
+        return self
+
+    def output_weight(self) -> Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, tokens: Tensor, positions: Tensor, cache=None, slots: Tensor | None = None,
+                mask: Tensor | None = None, moe: MoEControl | None = None,
+                logits_index: Tensor | None = None) -> Tensor:
+        """tokens, positions [bs, T] -> logits [bs, T, V] (or [bs, n, V] for logits_index [bs, n]),
+        in the model dtype. See the module docstring for cache / slots / mask."""
+        bs, T = tokens.shape
+        if cache is not None:
+            if slots is None:
+                raise ValueError("forward with a cache needs `slots` (get them from cache.reserve(n))")
+            if mask is None:
+                mask = causal_mask(slots, cache.capacity)
+        elif mask is None:
+            mask = causal_mask(torch.arange(T, device=tokens.device).expand(bs, T), T)
+        moe = moe or _PLAIN
+        x = self.tok_embeddings(tokens)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, slots, mask, moe)
+        if logits_index is not None:
+            x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.norm(x)
+        return F.linear(x, self.output_weight())
+
+    def decode_step(self, tokens: Tensor, cache, moe: MoEControl | None = None) -> Tensor:
+        """One autoregressive step for every request: tokens [bs, 1] at position = cache.lengths, written
+        to slot cache.lengths -> logits [bs, V]. Reads only device state (CUDA-graph capturable); the
+        caller checks capacity (cache.reserve(1)) and advances the lengths (cache.advance(1))."""
+        pos = cache.lengths[:, None]
+        mask = torch.arange(cache.capacity, device=tokens.device)[None, None, :] <= pos[:, :, None]
+        return self.forward(tokens, pos, cache, pos, mask, moe)[:, -1]
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def causal_mask(slots: Tensor, capacity: int) -> Tensor:
+    """slots [bs, T] -> mask [bs, T, capacity]: a query in slot s sees slots 0..s of its request.
+    Right for prefill/decode, where a request's slots 0..s hold its tokens in order."""
+    cols = torch.arange(capacity, device=slots.device)
+    return cols[None, None, :] <= slots[:, :, None]
+
+
+def tree_mask(prefix_lens: Tensor, tree_slots: Tensor, ancestors: Tensor, capacity: int) -> Tensor:
+    """Mask for T tree tokens verified after each request's committed prefix.
+
+    prefix_lens [bs] int, tree_slots [bs, T] (cache slots of the tree tokens, all >= prefix_lens),
+    ancestors [bs, T, T] bool with ancestors[b, i, j] = node j is node i or one of its ancestors
+    -> [bs, T, capacity]: node i sees the prefix and its ancestors' slots (its own included)."""
+    bs, T = tree_slots.shape
+    cols = torch.arange(capacity, device=tree_slots.device)
+    m = (cols[None, None, :] < prefix_lens.to(tree_slots.device)[:, None, None]).expand(bs, T, capacity).clone()
+    m.scatter_(2, tree_slots[:, None, :].expand(bs, T, T).long(), ancestors.bool())
+    return m
