@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "common.cuh"
 #include "routing.h"
 
 // SPECMOE_ROUTE_PHASES (bench/routing_phases.cu only): thread 0 of the fused kernel records clock64()
@@ -27,7 +28,9 @@ namespace specmoe {
 namespace routing {
 namespace detail {
 
-constexpr unsigned kFull = 0xffffffffu;
+using device::kFull;
+using device::to_float;
+using device::block_exclusive_scan;
 constexpr uint32_t kUnavailable = 0u;    // below every order_key(), including order_key(-inf)
 constexpr int kStashMaxFloats = 24 * 1024;  // fused path keeps the cleaned logits in smem below this
 constexpr int kTokenBlockThreads = 256;  // multi-block path: token pass / finalize
@@ -35,15 +38,6 @@ constexpr int kTokensPerBlock = 32;
 constexpr int kSelectThreads = 512;      // >= kMaxExperts: one thread per expert
 constexpr int kGroupThreads = 1024;      // multi-block path: grouping
 static_assert(kSelectThreads >= kMaxExperts, "selection needs a thread per expert");
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-// torch builds with __CUDA_NO_{HALF,BFLOAT16}_CONVERSIONS__: construct through intrinsics.
-template <typename T> __device__ __forceinline__ T zero_of();
-template <> __device__ __forceinline__ float zero_of<float>() { return 0.f; }
-template <> __device__ __forceinline__ __nv_bfloat16 zero_of<__nv_bfloat16>() { return __float2bfloat16(0.f); }
-template <> __device__ __forceinline__ __half zero_of<__half>() { return __float2half(0.f); }
 
 // Monotone map float -> uint32 (for non-NaN inputs): a < b  <=>  order_key(a) < order_key(b), and
 // -0 == +0 like the float comparison (so ties between them go to the lower id, as everywhere else).
@@ -66,36 +60,6 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-// Block-wide exclusive prefix sum of one int per thread (every thread must call). `tot` is a
-// 33-int shared scratch; returns the thread's exclusive prefix and writes the total to *total.
-__device__ __forceinline__ int block_exclusive_scan(int v, int* tot, int* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-  int incl = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(kFull, incl, o);
-    if (lane >= o) incl += u;
-  }
-  if (lane == 31) tot[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int w = lane < nwarps ? tot[lane] : 0;
-    int wi = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int u = __shfl_up_sync(kFull, wi, o);
-      if (lane >= o) wi += u;
-    }
-    tot[lane] = wi - w;
-    if (lane == 31) tot[32] = wi;
-  }
-  __syncthreads();
-  const int r = incl - v + tot[warp];
-  *total = tot[32];
-  __syncthreads();  // tot may be reused right away
-  return r;
-}
-
 // P for one (clean) logit given the row's softmax stats (m: max, or 0 with no finite logit;
 // inv = 1 / sum of exp(x - m), or 0 when that sum is 0). One reciprocal per row, not a divide per
 // element: the CPU implementation computes the same expression.
@@ -115,7 +79,7 @@ __device__ __forceinline__ void load_raw(const RouteParams& p, int t, int lane, 
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
     const int e = lane + 32 * i;
-    r.v[i] = e < p.E ? row[e] : zero_of<Tin>();
+    r.v[i] = e < p.E ? row[e] : device::from_float<Tin>(0.f);
   }
 }
 

@@ -37,6 +37,8 @@ TORCH_LIBRARY(specmoe, m) {
          "bool renormalize=True, Tensor? token_weights=None, Tensor? protect=None, "
          "str policy='substitute') -> (Tensor weights, Tensor ids, Tensor kept_experts, "
          "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs)");
+  def(m, "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor kept_experts, "
+         "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs) -> Tensor");
 }
 
 // `import specmoe_ext._C` loads this library (which registers the ops above); the module itself only

@@ -63,6 +63,21 @@ def route_budget(logits: Tensor, top_k: int, budget: int | None = None, *, scori
                                       token_weights, protect, policy))
 
 
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
+    """Expert FFN of an MoE layer over the experts `routing` kept (the output of `route_budget`).
+
+    x [T, h] (bfloat16/float16; float32 on CPU), w13 [E, 2f, h] (rows [0, f) gate = W1, [f, 2f) up =
+    W3), w2 [E, h, f] -> y [T, h] in x's dtype:
+        y[t] = sum_k weights[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]),  e = ids[t, k]
+    Only kept experts with at least one (token, slot) pair are read. h and f must be multiples of 64.
+    The silu * up activation is rounded to x's dtype (as HF models do); accumulation is float32, in a
+    fixed order (deterministic). No host synchronization on CUDA (graph capturable).
+    """
+    _require_kernels_for(x)
+    return _ops.fused_moe(x, w13, w2, routing.weights, routing.kept_experts, routing.expert_counts,
+                          routing.expert_offsets, routing.sorted_pairs)
+
+
 # ---- fake kernels: output metadata only, for torch.compile, meta tensors and graph capture --------
 
 @torch.library.register_fake("specmoe::route_topk")
@@ -83,4 +98,9 @@ def _route_budget_fake(logits, top_k, budget, scoring="softmax", bias=None, reno
             logits.new_empty((bk + 1,), **i32), logits.new_empty((T * top_k,), **i32))
 
 
-__all__ = ["route_topk", "route_budget", "Routing", "SCORINGS", "POLICIES"]
+@torch.library.register_fake("specmoe::fused_moe")
+def _fused_moe_fake(x, w13, w2, weights, kept_experts, expert_counts, expert_offsets, sorted_pairs):
+    return x.new_empty(x.shape)
+
+
+__all__ = ["route_topk", "route_budget", "fused_moe", "Routing", "SCORINGS", "POLICIES"]

@@ -116,3 +116,18 @@ def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softma
     sorted_pairs[: pairs.numel()] = pairs
     i32 = lambda t: t.to(torch.int32)
     return Routing(weights, i32(ids), i32(kept), i32(counts), i32(offsets), i32(sorted_pairs))
+
+
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
+    """y[t] = sum_k w[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]) in float32, computed on x's device
+    from the routing's ids/weights directly (independent of its grouping); returns float32 [T, h] on CPU."""
+    x = x.float()
+    ids, weights = routing.ids.long().to(x.device), routing.weights.float().to(x.device)
+    f = w2.shape[-1]
+    y = torch.zeros_like(x)
+    for e in ids[ids >= 0].unique().tolist():  # upcast only the experts used (large shapes on GPU)
+        t, k = torch.nonzero(ids == e, as_tuple=True)
+        gu = x[t] @ w13[e].float().t()
+        out = (torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]) @ w2[e].float().t()
+        y.index_add_(0, t, weights[t, k, None] * out)
+    return y.cpu()

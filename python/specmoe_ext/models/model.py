@@ -14,7 +14,11 @@ One entry point serves prefill, 1-token decode, and verification of T tree token
   mask       bool, True = query may attend that cache slot (`causal_mask`, `tree_mask` build the usual ones);
              every query must see at least its own slot. Without a cache, K/V are the T tokens themselves
              and mask is [bs, T, T] (default causal): the training / plain reference path.
-  moe        optional `MoEControl`: per-layer expert budget + policy (MoE-Spec verification), routing record.
+  moe        optional `MoEControl`: per-layer expert budget + policy (MoE-Spec verification), routing record,
+             expert remapping (self-assisted drafting), token mask (padding tree nodes), expert statistics.
+  hidden_layers / hidden_out   capture the hidden state entering the listed layers (index n_layers = the
+             final pre-norm hidden state), appended to `hidden_out` in the listed order ([bs, T, h] each):
+             the target features an EAGLE-3 draft head consumes.
 
 Parameter layout (what the loader fills): attention wqkv [(Hq+2Hk)d, h] = rows of HF q_proj, k_proj,
 v_proj; MoE w13 [E, 2f, h] = HF gate_proj rows then up_proj rows per expert; w2 [E, h, f] = HF down_proj.
@@ -23,7 +27,7 @@ cast to the activation dtype, router softmax in float32) so logits match within 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -34,6 +38,7 @@ from torch import Tensor
 from ..routing_types import Routing
 from .config import ModelArgs
 from .moe import moe_experts
+from .routing_edit import remap_routing
 from .rope import apply_rope, inv_freq_and_scale, rope_cos_sin
 
 
@@ -42,6 +47,52 @@ def _route_budget():
     # need the compiled extension; the forward does.
     from ..ops import route_budget
     return route_budget
+
+
+def _route_topk():
+    from ..ops import route_topk
+    return route_topk
+
+
+@dataclass
+class ExpertStats:
+    """Expert statistics of one forward, filled by every MoE layer when passed as `MoEControl.stats`.
+
+    mask    optional [N] bool: only these tokens are counted (e.g. the valid nodes of padded draft trees).
+    layers  one entry per MoE layer, in layer order: (layer, natural [E] int64, routed [E] int64), the
+            (token, slot) pairs per expert under the natural top-K routing (what the tokens wanted) and
+            under the routing that actually ran (after budget, expert map and token mask).
+    Counts stay on the device; `touched()` / `loaded()` reduce them (one host read for all layers).
+    """
+
+    mask: Tensor | None = None
+    layers: list = field(default_factory=list)
+
+    def add(self, layer: int, natural_ids: Tensor, routed_ids: Tensor, n_experts: int) -> None:
+        def count(ids: Tensor) -> Tensor:
+            ids = ids.long()
+            ok = ids >= 0
+            if self.mask is not None:
+                ok = ok & self.mask.to(ids.device)[:, None]
+            out = torch.zeros(n_experts, dtype=torch.long, device=ids.device)
+            return out.scatter_add_(0, ids.clamp_min(0).flatten(), ok.long().flatten())
+        self.layers.append((layer, count(natural_ids), count(routed_ids)))
+
+    def natural(self) -> Tensor:
+        """[L_moe, E] natural (token, slot) pairs per expert."""
+        return torch.stack([n for _, n, _ in self.layers])
+
+    def routed(self) -> Tensor:
+        """[L_moe, E] pairs per expert in the routing that ran."""
+        return torch.stack([r for _, _, r in self.layers])
+
+    def touched(self) -> Tensor:
+        """[L_moe] distinct experts the natural routing of the counted tokens wanted."""
+        return (self.natural() > 0).sum(dim=1)
+
+    def loaded(self) -> Tensor:
+        """[L_moe] experts whose weights the routing that ran read (>= 1 pair)."""
+        return (self.routed() > 0).sum(dim=1)
 
 
 @dataclass
@@ -55,9 +106,16 @@ class MoEControl:
     protect        [N] bool: tokens whose natural top-K experts are always kept (e.g. the tree root).
     record         when a list, each MoE layer appends (layer_index, Routing) -- for stats/benchmarks
                    (keeps references to device tensors; do not use inside CUDA graph capture).
-    impl           `moe_experts` implementation override ("loop" | "grouped" | "gather").
+    impl           `moe_experts` implementation override ("fused" | "loop" | "grouped" | "gather").
     router         routing function override with `ops.route_budget`'s signature (default: that op), e.g.
                    `reference.route_budget`, which is differentiable in the logits (used for training).
+    expert_map     None, or per layer (indexed by layer number) None or an [E] int64 tensor: every slot
+                   routed to expert e runs expert_map[e] instead, with the slot's weight unchanged (the
+                   self-assisted drafter sends non-resident experts to their most similar resident one).
+                   The map must point into the kept experts (always true without a budget).
+    token_mask     [N] bool: tokens with False skip the experts (MoE output 0; shared expert still runs).
+                   For padding nodes of draft trees, so they neither load experts nor skew statistics.
+    stats          an `ExpertStats` to fill (natural vs routed expert counts per layer).
     The budget applies to all N tokens of the forward together: the expert weights read per layer are
     shared by the whole batch, so a batch-wide budget is what bounds the traffic.
     """
@@ -69,11 +127,23 @@ class MoEControl:
     record: list | None = None
     impl: str | None = None
     router: Callable[..., Routing] | None = None
+    expert_map: Sequence[Tensor | None] | None = None
+    token_mask: Tensor | None = None
+    stats: ExpertStats | None = None
 
     def budget_for(self, layer: int) -> int | None:
         if self.budget is None or isinstance(self.budget, int):
             return self.budget
         return self.budget[layer]
+
+    def expert_map_for(self, layer: int) -> Tensor | None:
+        return None if self.expert_map is None else self.expert_map[layer]
+
+    @property
+    def per_call(self) -> bool:
+        """True when this control carries per-forward tensors or recorders (no CUDA-graph replay)."""
+        return any(x is not None for x in (self.token_weights, self.protect, self.record, self.token_mask,
+                                           self.stats))
 
 
 _PLAIN = MoEControl()
@@ -185,8 +255,16 @@ class MoEFeedForward(nn.Module):
         route = moe.router or _route_budget()
         routing = route(logits, self.top_k, self.n_experts if budget is None else budget, scoring="softmax", renormalize=self.renormalize,
                         token_weights=moe.token_weights, protect=moe.protect, policy=moe.policy)
+        natural_ids = None
+        if moe.stats is not None:  # what the tokens wanted, before budget / expert map / token mask
+            natural_ids = routing.ids if budget is None else _route_topk()(logits, self.top_k)[1]
+        emap = moe.expert_map_for(layer)
+        if emap is not None or moe.token_mask is not None:
+            routing = remap_routing(routing, emap, moe.token_mask, self.n_experts)
         if moe.record is not None:
             moe.record.append((layer, routing))
+        if moe.stats is not None:
+            moe.stats.add(layer, natural_ids, routing.ids, self.n_experts)
         y = moe_experts(xf, self.w13, self.w2, routing, impl=moe.impl)
         if self.shared is not None:
             y = y + torch.sigmoid(self.shared_gate(xf)) * self.shared(xf)
@@ -251,10 +329,17 @@ class Transformer(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, positions: Tensor, cache=None, slots: Tensor | None = None,
                 mask: Tensor | None = None, moe: MoEControl | None = None,
-                logits_index: Tensor | None = None) -> Tensor:
+                logits_index: Tensor | None = None, hidden_layers: Sequence[int] = (),
+                hidden_out: list | None = None) -> Tensor:
         """tokens, positions [bs, T] -> logits [bs, T, V] (or [bs, n, V] for logits_index [bs, n]),
-        in the model dtype. See the module docstring for cache / slots / mask."""
+        in the model dtype. See the module docstring for cache / slots / mask / hidden_layers."""
         bs, T = tokens.shape
+        n_layers = len(self.layers)
+        if hidden_layers:
+            bad = [i for i in hidden_layers if not 0 <= i <= n_layers]
+            if bad or hidden_out is None:
+                raise ValueError(f"hidden_layers must lie in [0, {n_layers}] and need a hidden_out list "
+                                 f"(got {list(hidden_layers)}, hidden_out={hidden_out!r})")
         if cache is not None:
             if slots is None:
                 raise ValueError("forward with a cache needs `slots` (get them from cache.reserve(n))")
@@ -265,8 +350,14 @@ class Transformer(nn.Module):
         moe = moe or _PLAIN
         x = self.tok_embeddings(tokens)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
-        for layer in self.layers:
+        captured: dict[int, Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            if i in hidden_layers:
+                captured[i] = x
             x = layer(x, cos, sin, cache, slots, mask, moe)
+        if hidden_layers:
+            captured[n_layers] = x
+            hidden_out.extend(captured[i] for i in hidden_layers)
         if logits_index is not None:
             x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)

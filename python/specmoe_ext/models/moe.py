@@ -9,6 +9,9 @@ Bk kept experts (min(budget, E); = E without a budget), P = N*K (token, slot) pa
 
 This is the layout the fused-MoE CUDA kernel consumes; `moe_experts` is the single place it drops in.
 Implementations (all read only the experts the routing keeps):
+  "fused"   specmoe::fused_moe, the hand-written CUDA kernel (bf16/fp16, h and f multiples of 64):
+            default on CUDA for up to FUSED_MAX_TOKENS tokens per layer call (decode, small trees),
+            where it beats grouped GEMM (bench/bench_moe.py); no host sync, graph capturable.
   "loop"    per kept expert, a GEMM over its group of rows (host-known offsets: one sync; CPU default).
   "grouped" `torch._grouped_mm` / `F.grouped_mm` over the Bk groups (CUDA + bf16; CUDA-graph capturable).
   "gather"  per (token, slot) pair, gathers that expert's matrices and uses bmm (any dtype/device, no
@@ -23,7 +26,10 @@ from torch import Tensor
 
 from ..routing_types import Routing
 
-IMPLS = ("loop", "grouped", "gather")
+IMPLS = ("fused", "loop", "grouped", "gather")
+# Up to this many tokens per MoE call the fused kernel is faster than grouped GEMM on the H100 for every
+# benchmarked shape (bench/results/moe_*.json); above it, grouped GEMM's weight reuse wins.
+FUSED_MAX_TOKENS = 4
 _grouped_mm_fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -36,9 +42,17 @@ def grouped_mm_available(x: Tensor) -> bool:
     return major >= 8 if tv >= (2, 9) else major == 9
 
 
+def fused_available(x: Tensor, w13: Tensor | None = None) -> bool:
+    from .. import cuda_kernels_available
+    return (x.is_cuda and cuda_kernels_available() and x.dtype in (torch.bfloat16, torch.float16)
+            and (w13 is None or (w13.shape[-1] % 64 == 0 and (w13.shape[-2] // 2) % 64 == 0)))
+
+
 def default_impl(x: Tensor, w13: Tensor | None = None) -> str:
     if not x.is_cuda:
         return "loop"
+    if x.shape[0] <= FUSED_MAX_TOKENS and fused_available(x, w13):
+        return "fused"
     # the CUTLASS path wants 16-byte aligned rows: h and f multiples of 8 bf16 elements
     aligned = w13 is None or (w13.shape[-1] % 8 == 0 and w13.shape[-2] % 16 == 0)
     return "grouped" if aligned and grouped_mm_available(x) else "gather"
@@ -128,6 +142,9 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str 
     if routing.ids.shape[0] != N:
         raise ValueError(f"moe_experts: routing covers {routing.ids.shape[0]} tokens, x has {N}")
     impl = impl or default_impl(x, w13)
+    if impl == "fused":
+        from .. import ops
+        return ops.fused_moe(x, w13, w2, routing)
     if impl == "loop":
         return _moe_loop(x, w13, w2, routing)
     if impl == "grouped":

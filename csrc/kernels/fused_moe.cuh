@@ -1,0 +1,321 @@
+// Fused MoE expert FFN kernels. Contract, shapes and algorithm: fused_moe.h.
+//
+// MMA fragment trick used by both kernels (mma.sync m16n8k16, A = 16 weight rows, B = 8 tokens):
+// a thread (g = lane / 4, c = lane % 4) loads 16 bytes = 8 consecutive k of weight rows g and g + 8
+// and of token g, at k0 + 8c of a 32-wide chunk. The MMA's logical k {2c, 2c+1, 2c+8, 2c+9} of step
+// s in {0, 1} is taken from physical k0 + 8c + 4s + {0, 1, 2, 3}, for weights and tokens alike: a
+// permutation of the reduction order, so the sum is unchanged and no shared-memory staging is needed.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "fused_moe.h"
+
+namespace specmoe {
+namespace fused_moe {
+namespace detail {
+
+using device::kFull;
+
+constexpr int kGateUpWarps = 4;
+constexpr int kGateUpCtasPerSm = 3;
+constexpr int kDownWarps = 8;
+constexpr int kPipe = 3;          // 32-wide chunks whose loads are in flight per thread
+constexpr int kNTiles = 2;        // token tiles of 8 per gate_up pass (16 pairs; more = more passes)
+constexpr int kMaxUnits = kTokenTile * 16 / 8 + kMaxExperts;  // (expert, 8 pairs) units per down CTA
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+};
+
+// One 32-wide k chunk: weight rows g (wa) and g + 8 (wb) times token g (xb); two MMA k-steps.
+template <typename T>
+__device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& wa, const uint4& wb, const uint4& xb) {
+  Mma<T>::run(c, wa.x, wb.x, wa.y, wb.y, xb.x, xb.y);
+  Mma<T>::run(c, wa.z, wb.z, wa.w, wb.w, xb.z, xb.w);
+}
+
+// Weights are read once per launch: stream them past L1.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ uint4 load_cached(const void* p) { return __ldg(static_cast<const uint4*>(p)); }
+
+__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
+
+// ---------------------------------------------------------------------------------------------
+// Launch 1: act[pos, :] = silu(W1[e] x[token(pos)]) * (W3[e] x[token(pos)]) for every valid pair.
+template <typename T>
+__global__ void __launch_bounds__(kGateUpWarps * 32) gate_up_kernel(const MoeParams p) {
+  __shared__ int active[kMaxExperts];
+  __shared__ int n_active_s;
+  __shared__ float red[kGateUpWarps][2][kNTiles][32][4];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+
+  // Kept slots that received pairs, compacted, so work items are spread evenly over the grid.
+  if (warp == 0) {
+    const int chunk = (p.num_kept + 31) / 32;
+    const int j0 = min(p.num_kept, lane * chunk), j1 = min(p.num_kept, j0 + chunk);
+    int cnt = 0;
+    for (int j = j0; j < j1; ++j) cnt += p.expert_counts[j] > 0;
+    const int incl = device::warp_inclusive_scan(cnt);
+    int at = incl - cnt;
+    for (int j = j0; j < j1; ++j)
+      if (p.expert_counts[j] > 0) active[at++] = j;
+    if (lane == 31) n_active_s = incl;
+  }
+  __syncthreads();
+  const int row_tiles = p.f / kRowTile;
+  const int items = n_active_s * row_tiles;
+  const int nchunks = p.h / kChunk;
+  const int n_my = (nchunks - warp + kGateUpWarps - 1) / kGateUpWarps;  // chunks warp, warp+4, ...
+  const T* x = static_cast<const T*>(p.x);
+  T* act = static_cast<T*>(p.act);
+
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    const int j = active[item / row_tiles];
+    const int r0 = (item % row_tiles) * kRowTile;
+    const int e = p.kept_experts[j], off = p.expert_offsets[j], cnt = p.expert_counts[j];
+    const T* w = static_cast<const T*>(p.w13) + static_cast<int64_t>(e) * 2 * p.f * p.h;
+    const T* gate_a = w + static_cast<int64_t>(r0 + g) * p.h + 8 * c;
+    const T* gate_b = gate_a + 8 * static_cast<int64_t>(p.h);
+    const T* up_a = gate_a + static_cast<int64_t>(p.f) * p.h;
+    const T* up_b = gate_b + static_cast<int64_t>(p.f) * p.h;
+
+    for (int n0 = 0; n0 < cnt; n0 += 8 * kNTiles) {
+      const int npairs = min(8 * kNTiles, cnt - n0);
+      const T* xrow[kNTiles];
+      bool xok[kNTiles];
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+        const int n = nt * 8 + g;
+        xok[nt] = n < npairs;
+        const int tok = xok[nt] ? p.sorted_pairs[off + n0 + n] / p.K : 0;
+        xrow[nt] = x + static_cast<int64_t>(tok) * p.x_stride + 8 * c;
+      }
+      float cg[kNTiles][4] = {}, cu[kNTiles][4] = {};
+      // Software pipeline: the loads of chunks i+1 .. i+kPipe-1 are in flight while chunk i computes.
+      uint4 ga[kPipe], gb[kPipe], ua[kPipe], ub[kPipe], xb[kPipe][kNTiles];
+      auto load = [&](int slot, int i) {
+        const int k0 = (warp + i * kGateUpWarps) * kChunk;
+        ga[slot] = load_stream(gate_a + k0);
+        gb[slot] = load_stream(gate_b + k0);
+        ua[slot] = load_stream(up_a + k0);
+        ub[slot] = load_stream(up_b + k0);
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+          xb[slot][nt] = xok[nt] ? load_cached(xrow[nt] + k0) : make_uint4(0, 0, 0, 0);
+      };
+#pragma unroll
+      for (int d = 0; d < kPipe; ++d)
+        if (d < n_my) load(d, d);
+      for (int base = 0; base < n_my; base += kPipe) {
+#pragma unroll
+        for (int d = 0; d < kPipe; ++d) {
+          const int i = base + d;
+          if (i < n_my) {
+#pragma unroll
+            for (int nt = 0; nt < kNTiles; ++nt) {
+              if (nt * 8 < npairs) {
+                mma_chunk<T>(cg[nt], ga[d], gb[d], xb[d][nt]);
+                mma_chunk<T>(cu[nt], ua[d], ub[d], xb[d][nt]);
+              }
+            }
+            if (i + kPipe < n_my) load(d, i + kPipe);
+          }
+        }
+      }
+      // Split-K over warps: reduce in a fixed order, then SiLU(gate) * up.
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          red[warp][0][nt][lane][r] = cg[nt][r];
+          red[warp][1][nt][lane][r] = cu[nt][r];
+        }
+      __syncthreads();
+      for (int o = threadIdx.x; o < kRowTile * npairs; o += blockDim.x) {
+        const int r = o % kRowTile, n = o / kRowTile, nt = n / 8, nn = n % 8;
+        const int src = (r % 8) * 4 + nn / 2, reg = (r >= 8 ? 2 : 0) + (nn & 1);
+        float gs = 0.f, us = 0.f;
+#pragma unroll
+        for (int w2 = 0; w2 < kGateUpWarps; ++w2) {
+          gs += red[w2][0][nt][src][reg];
+          us += red[w2][1][nt][src][reg];
+        }
+        act[static_cast<int64_t>(off + n0 + n) * p.f + r0 + r] = device::from_float<T>(silu(gs) * us);
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launch 2: y[t, r0:r0+16] = sum over kept experts e and their pairs (t, k) in the CTA's token tile
+// of weights[t, k] * W2[e][r0:r0+16, :] act[pair]. One unit = (expert, up to 8 pairs).
+struct DownSmem {
+  float y_part[kDownWarps][kTokenTile][kRowTile];
+  int unit_expert[kMaxUnits];
+  int unit_pos[kMaxUnits];
+  int unit_n[kMaxUnits];
+  int8_t unit_tok[kMaxUnits][8];  // token - t0
+  float unit_w[kMaxUnits][8];
+  int tot[33];
+  int n_units;
+};
+
+// First index in sorted[lo, hi) whose value is >= key (values ascending).
+__device__ __forceinline__ int lower_bound(const int32_t* sorted, int lo, int hi, int key) {
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (sorted[mid] < key) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDownWarps * 32) down_kernel(const MoeParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DownSmem& s = *reinterpret_cast<DownSmem*>(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  const int r0 = blockIdx.x * kRowTile;
+  const int t0 = blockIdx.y * kTokenTile, t1 = min(p.T, t0 + kTokenTile);
+  const bool whole = gridDim.y == 1;  // one token tile: every pair of every expert is inside
+
+  for (int i = threadIdx.x; i < kDownWarps * kTokenTile * kRowTile; i += blockDim.x)
+    (&s.y_part[0][0][0])[i] = 0.f;
+
+  // Unit table: thread per kept slot (blockDim >= Bk is not assumed: slots are strided).
+  constexpr int kSlotsPerThread = (kMaxExperts + kDownWarps * 32 - 1) / (kDownWarps * 32);
+  int lo[kSlotsPerThread], n_in[kSlotsPerThread], units = 0;
+#pragma unroll
+  for (int q = 0; q < kSlotsPerThread; ++q) {
+    const int j = threadIdx.x * kSlotsPerThread + q;
+    lo[q] = 0;
+    n_in[q] = 0;
+    if (j < p.num_kept) {
+      const int off = p.expert_offsets[j], cnt = p.expert_counts[j];
+      if (cnt > 0) {
+        const int a = whole ? off : lower_bound(p.sorted_pairs, off, off + cnt, t0 * p.K);
+        const int b = whole ? off + cnt : lower_bound(p.sorted_pairs, a, off + cnt, t1 * p.K);
+        lo[q] = a;
+        n_in[q] = b - a;
+        units += (b - a + 7) / 8;
+      }
+    }
+  }
+  int total;
+  int u = device::block_exclusive_scan(units, s.tot, &total);
+#pragma unroll
+  for (int q = 0; q < kSlotsPerThread; ++q) {
+    const int j = threadIdx.x * kSlotsPerThread + q;
+    for (int m0 = 0; m0 < n_in[q]; m0 += 8, ++u) {
+      const int n = min(8, n_in[q] - m0);
+      s.unit_expert[u] = p.kept_experts[j];
+      s.unit_pos[u] = lo[q] + m0;
+      s.unit_n[u] = n;
+      for (int m = 0; m < 8; ++m) {
+        const int pair = m < n ? p.sorted_pairs[lo[q] + m0 + m] : 0;
+        s.unit_tok[u][m] = static_cast<int8_t>(m < n ? pair / p.K - t0 : 0);
+        s.unit_w[u][m] = m < n ? p.weights[pair] : 0.f;
+      }
+    }
+  }
+  __syncthreads();
+
+  const int nchunks = p.f / kChunk;
+  const int n_my = (nchunks - warp + kDownWarps - 1) / kDownWarps;
+  const int iters = total * n_my;
+  const T* w2 = static_cast<const T*>(p.w2);
+  const T* act = static_cast<const T*>(p.act);
+  const int64_t expert_stride = static_cast<int64_t>(p.h) * p.f;
+  uint4 wa[kPipe], wb[kPipe], xb[kPipe];
+  auto load = [&](int slot, int it) {
+    const int un = it / n_my;
+    const int k0 = (warp + (it % n_my) * kDownWarps) * kChunk + 8 * c;
+    const T* wr = w2 + s.unit_expert[un] * expert_stride + static_cast<int64_t>(r0 + g) * p.f + k0;
+    wa[slot] = load_stream(wr);
+    wb[slot] = load_stream(wr + 8 * static_cast<int64_t>(p.f));
+    xb[slot] = g < s.unit_n[un] ? load_cached(act + static_cast<int64_t>(s.unit_pos[un] + g) * p.f + k0)
+                                : make_uint4(0, 0, 0, 0);
+  };
+  float acc[4] = {};
+#pragma unroll
+  for (int d = 0; d < kPipe; ++d)
+    if (d < iters) load(d, d);
+  for (int base = 0; base < iters; base += kPipe) {
+#pragma unroll
+    for (int d = 0; d < kPipe; ++d) {
+      const int it = base + d;
+      if (it < iters) {
+        mma_chunk<T>(acc, wa[d], wb[d], xb[d]);
+        if (it % n_my == n_my - 1) {  // the unit is complete for this warp: weight and add
+          const int un = it / n_my;
+#pragma unroll
+          for (int h2 = 0; h2 < 2; ++h2) {
+            const int n = 2 * c + h2;
+            if (n < s.unit_n[un]) {
+              const int tok = s.unit_tok[un][n];
+              const float wt = s.unit_w[un][n];
+              s.y_part[warp][tok][g] += wt * acc[h2];
+              s.y_part[warp][tok][g + 8] += wt * acc[2 + h2];
+            }
+          }
+          acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+        }
+        if (it + kPipe < iters) load(d, it + kPipe);
+      }
+    }
+  }
+  __syncthreads();
+  T* y = static_cast<T*>(p.y);
+  for (int o = threadIdx.x; o < (t1 - t0) * kRowTile; o += blockDim.x) {
+    const int tok = o / kRowTile, r = o % kRowTile;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < kDownWarps; ++w) v += s.y_part[w][tok][r];
+    y[static_cast<int64_t>(t0 + tok) * p.h + r0 + r] = device::from_float<T>(v);
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const MoeParams& p, cudaStream_t stream) {
+  if (p.T == 0) return cudaSuccess;
+  const int max_items = p.num_kept * (p.f / kRowTile);
+  const int grid1 = max(1, min(max_items, p.num_sms * kGateUpCtasPerSm));
+  gate_up_kernel<T><<<grid1, kGateUpWarps * 32, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const size_t smem = sizeof(DownSmem);
+  err = cudaFuncSetAttribute(down_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid2(p.h / kRowTile, (p.T + kTokenTile - 1) / kTokenTile);
+  down_kernel<T><<<grid2, kDownWarps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+}  // namespace fused_moe
+}  // namespace specmoe

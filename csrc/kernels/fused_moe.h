@@ -1,0 +1,81 @@
+// Fused MoE expert FFN over the experts a routing kept: torch-free host interface.
+//
+// Shapes (legend): T tokens, h hidden, f expert FFN, E experts, K experts per token, Bk kept experts,
+// N = T * K (token, slot) pairs, P = valid pairs (= expert_offsets[Bk]).
+//
+//   x               [T, h]      bf16 | fp16, row stride x_stride (elements)
+//   w13             [E, 2f, h]  same dtype, contiguous; rows [0, f) = W1 (gate), [f, 2f) = W3 (up)
+//   w2              [E, h, f]   same dtype, contiguous
+//   weights         [T, K]      fp32 routing weights (0 for dropped slots)
+//   kept_experts    [Bk]        int32   expert id of kept slot j
+//   expert_counts   [Bk]        int32   pairs of kept slot j
+//   expert_offsets  [Bk + 1]    int32   exclusive scan of counts
+//   sorted_pairs    [N]         int32   flat pair ids t*K+k grouped by slot, ascending within a slot
+//   act (scratch)   [N, f]      same dtype: silu(W1 x) * (W3 x) of pair at sorted position p
+//   y (out)         [T, h]      same dtype, contiguous
+//
+//   y[t] = sum_k weights[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]),  e = the slot's expert
+//
+// Only kept experts with at least one pair are read, each exactly once per launch in the small-T
+// regime: the bytes moved follow the experts loaded (<= Bk), never the experts the tokens touched.
+//
+// Algorithm: two launches, both tensor-core GEMMs with the weights as the M operand (mma.sync
+// m16n8k16, tokens as N = 8 columns; "swapped" so one token still uses full MMA rows).
+//   1. gate_up: persistent CTAs over (active expert, 16-row tile of f). Each thread streams 16-byte
+//      weight vectors straight into MMA fragments (the k order inside a 32-wide chunk is permuted the
+//      same way for weights and activations, so no shared-memory staging is needed), with a
+//      software pipeline several chunks deep. The 4 warps split h; their partial sums are reduced in
+//      shared memory in a fixed order, then SiLU(gate) * up is written to `act`.
+//   2. down + combine: CTAs over (16-row tile of h, tile of 64 tokens). A CTA walks every active
+//      expert's pairs inside its token tile (binary search in the sorted pair list), multiplies
+//      W2[e] rows by those pairs' activations, and adds weight * result into per-warp float32
+//      accumulators in shared memory; the warps' accumulators are summed in a fixed order and
+//      written to y. Every token's K contributions meet in one CTA: no atomics, deterministic.
+// No host synchronization: expert lists stay on the device; capturable in a CUDA graph.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace specmoe {
+namespace fused_moe {
+
+enum class DType : int { kBFloat16 = 1, kFloat16 = 2 };
+
+constexpr int kRowTile = 16;     // output rows per MMA tile (f rows in gate_up, h rows in down)
+constexpr int kChunk = 32;       // k elements one thread-quad covers per 16-byte load
+constexpr int kTokenTile = 64;   // tokens per down/combine CTA
+constexpr int kMaxExperts = 512;
+
+struct MoeParams {
+  const void* x = nullptr;
+  int64_t x_stride = 0;
+  const void* w13 = nullptr;
+  const void* w2 = nullptr;
+  const float* weights = nullptr;
+  const int32_t* kept_experts = nullptr;
+  const int32_t* expert_counts = nullptr;
+  const int32_t* expert_offsets = nullptr;
+  const int32_t* sorted_pairs = nullptr;
+  void* act = nullptr;
+  void* y = nullptr;
+  int T = 0, h = 0, f = 0, E = 0, K = 0, num_kept = 0;
+  DType dtype = DType::kBFloat16;
+  int num_sms = 132;  // persistent grid size of the gate_up launch
+};
+
+}  // namespace fused_moe
+}  // namespace specmoe
+
+#if defined(__CUDACC__) || defined(SPECMOE_WITH_CUDA)
+#include <cuda_runtime_api.h>
+
+namespace specmoe {
+namespace fused_moe {
+
+// Enqueues both launches on `stream`. h, f must be multiples of 64; arguments validated by the caller.
+cudaError_t launch_fused_moe(const MoeParams& p, cudaStream_t stream);
+
+}  // namespace fused_moe
+}  // namespace specmoe
+#endif

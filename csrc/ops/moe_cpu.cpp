@@ -1,0 +1,39 @@
+// CPU implementation of specmoe::fused_moe: per kept expert with pairs, one GEMM pair over its tokens
+// (ATen), accumulated in float32 in slot order. Reads the routing on the host (it is on the CPU).
+#include <torch/library.h>
+
+#include "moe_common.h"
+
+namespace specmoe {
+namespace {
+
+at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
+                         const at::Tensor& weights, const at::Tensor& kept, const at::Tensor& counts,
+                         const at::Tensor& offsets, const at::Tensor& pairs) {
+  const MoeArgs a = check_moe_args(x, w13, w2, weights, kept, counts, offsets, pairs, false);
+  at::Tensor y = at::zeros({a.T, a.h}, x.options().dtype(at::kFloat));
+  const int32_t* kp = kept.data_ptr<int32_t>();
+  const int32_t* cp = counts.data_ptr<int32_t>();
+  const int32_t* op = offsets.data_ptr<int32_t>();
+  const at::Tensor flat_w = weights.reshape({-1});
+  for (int64_t j = 0; j < a.num_kept; ++j) {
+    if (cp[j] <= 0) continue;
+    const int64_t e = kp[j];
+    SPECMOE_CHECK(e >= 0 && e < a.E, "fused_moe: kept_experts[", j, "] = ", e, " is not an expert id");
+    const at::Tensor p = pairs.slice(0, op[j], op[j] + cp[j]).to(at::kLong);
+    const at::Tensor tok = at::floor_divide(p, a.K);
+    const at::Tensor xs = x.index_select(0, tok).to(at::kFloat);
+    const at::Tensor gu = at::matmul(xs, w13[e].to(at::kFloat).t());
+    // act is rounded to the activation dtype, as the CUDA kernel stores it
+    const at::Tensor act = (at::silu(gu.slice(1, 0, a.f)) * gu.slice(1, a.f, 2 * a.f)).to(x.scalar_type());
+    const at::Tensor out = at::matmul(act.to(at::kFloat), w2[e].to(at::kFloat).t());
+    y.index_add_(0, tok, out * flat_w.index_select(0, p).unsqueeze(1));
+  }
+  return y.to(x.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(specmoe, CPU, m) { m.impl("fused_moe", &fused_moe_cpu); }
+
+}  // namespace specmoe
