@@ -699,21 +699,24 @@ __global__ void __launch_bounds__(kGroupThreads) route_group_kernel(const RouteP
   for (int i = threadIdx.x; i < kWarps * Bk; i += blockDim.x) hist[i] = 0;
   __syncthreads();
   int32_t* my_hist = hist + warp * Bk;
-  constexpr int kBatch = 4;  // rounds whose loads are issued together
-  for (int base = lo; base < hi; base += 32 * kBatch) {
-    int j[kBatch];
+  // Visits the warp's pairs in rounds of 32 (kBatch rounds' loads issued together): f(i, slot, peers).
+  constexpr int kBatch = 4;
+  auto for_each_round = [&](auto&& f) {
+    for (int base = lo; base < hi; base += 32 * kBatch) {
+      int j[kBatch];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = base + 32 * u + lane;
-      j[u] = i < hi ? pair_slot[i] : -1;
-    }
+      for (int u = 0; u < kBatch; ++u) {
+        const int i = base + 32 * u + lane;
+        j[u] = i < hi ? pair_slot[i] : -1;
+      }
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const unsigned peers = __match_any_sync(kFull, j[u]);
-      if (j[u] >= 0 && lane == __ffs(peers) - 1) my_hist[j[u]] += __popc(peers);
-      __syncwarp();
+      for (int u = 0; u < kBatch; ++u) f(base + 32 * u + lane, j[u], __match_any_sync(kFull, j[u]));
     }
-  }
+  };
+  for_each_round([&](int, int j, unsigned peers) {
+    if (j >= 0 && lane == __ffs(peers) - 1) my_hist[j] += __popc(peers);
+    __syncwarp();
+  });
   __syncthreads();
   int c = 0;
   if (threadIdx.x < Bk)
@@ -732,25 +735,15 @@ __global__ void __launch_bounds__(kGroupThreads) route_group_kernel(const RouteP
   }
   if (threadIdx.x == 0) p.expert_offsets[Bk] = total;
   __syncthreads();
-  for (int base = lo; base < hi; base += 32 * kBatch) {
-    int j[kBatch];
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const int i = base + 32 * u + lane;
-      j[u] = i < hi ? pair_slot[i] : -1;
+  for_each_round([&](int i, int j, unsigned peers) {
+    const int start = j >= 0 ? my_hist[j] : 0;
+    __syncwarp();
+    if (j >= 0) {
+      p.sorted_pairs[start + __popc(peers & ((1u << lane) - 1u))] = i;
+      if (lane == __ffs(peers) - 1) my_hist[j] = start + __popc(peers);
     }
-#pragma unroll
-    for (int u = 0; u < kBatch; ++u) {
-      const unsigned peers = __match_any_sync(kFull, j[u]);
-      const int start = j[u] >= 0 ? my_hist[j[u]] : 0;
-      __syncwarp();
-      if (j[u] >= 0) {
-        p.sorted_pairs[start + __popc(peers & ((1u << lane) - 1u))] = base + 32 * u + lane;
-        if (lane == __ffs(peers) - 1) my_hist[j[u]] = start + __popc(peers);
-      }
-      __syncwarp();
-    }
-  }
+    __syncwarp();
+  });
   for (int i = total + threadIdx.x; i < N; i += blockDim.x) p.sorted_pairs[i] = -1;
 }
 
