@@ -24,8 +24,9 @@ using device::kFull;
 
 constexpr int kGateUpWarps = 4;
 constexpr int kGateUpCtasPerSm = 3;
-constexpr int kDownWarps = 8;
-constexpr int kPipe = 3;          // 32-wide chunks whose loads are in flight per thread
+constexpr int kDownWarps = 16;
+constexpr int kPipe = 4;          // gate_up: 32-wide chunks whose loads are in flight per thread
+constexpr int kDownPipe = 6;      // down: the same (its CTAs are one per SM: it needs more in flight)
 constexpr int kNTiles = 2;        // token tiles of 8 per gate_up pass (16 pairs; more = more passes)
 constexpr int kMaxUnits = kTokenTile * 16 / 8 + kMaxExperts;  // (expert, 8 pairs) units per down CTA
 
@@ -106,6 +107,20 @@ __global__ void __launch_bounds__(kGateUpWarps * 32) gate_up_kernel(const MoePar
 
     for (int n0 = 0; n0 < cnt; n0 += 8 * kNTiles) {
       const int npairs = min(8 * kNTiles, cnt - n0);
+      float cg[kNTiles][4] = {}, cu[kNTiles][4] = {};
+      // Software pipeline: the loads of chunks i+1 .. i+kPipe-1 are in flight while chunk i computes.
+      uint4 ga[kPipe], gb[kPipe], ua[kPipe], ub[kPipe], xb[kPipe][kNTiles];
+      auto load_w = [&](int slot, int i) {
+        const int k0 = (warp + i * kGateUpWarps) * kChunk;
+        ga[slot] = load_stream(gate_a + k0);
+        gb[slot] = load_stream(gate_b + k0);
+        ua[slot] = load_stream(up_a + k0);
+        ub[slot] = load_stream(up_b + k0);
+      };
+      // The weights do not depend on the tokens: their first loads go out before the token lookups.
+#pragma unroll
+      for (int d = 0; d < kPipe; ++d)
+        if (d < n_my) load_w(d, d);
       const T* xrow[kNTiles];
       bool xok[kNTiles];
 #pragma unroll
@@ -115,22 +130,16 @@ __global__ void __launch_bounds__(kGateUpWarps * 32) gate_up_kernel(const MoePar
         const int tok = xok[nt] ? p.sorted_pairs[off + n0 + n] / p.K : 0;
         xrow[nt] = x + static_cast<int64_t>(tok) * p.x_stride + 8 * c;
       }
-      float cg[kNTiles][4] = {}, cu[kNTiles][4] = {};
-      // Software pipeline: the loads of chunks i+1 .. i+kPipe-1 are in flight while chunk i computes.
-      uint4 ga[kPipe], gb[kPipe], ua[kPipe], ub[kPipe], xb[kPipe][kNTiles];
-      auto load = [&](int slot, int i) {
+      auto load_x = [&](int slot, int i) {
         const int k0 = (warp + i * kGateUpWarps) * kChunk;
-        ga[slot] = load_stream(gate_a + k0);
-        gb[slot] = load_stream(gate_b + k0);
-        ua[slot] = load_stream(up_a + k0);
-        ub[slot] = load_stream(up_b + k0);
 #pragma unroll
         for (int nt = 0; nt < kNTiles; ++nt)
           xb[slot][nt] = xok[nt] ? load_cached(xrow[nt] + k0) : make_uint4(0, 0, 0, 0);
       };
+      auto load = [&](int slot, int i) { load_w(slot, i); load_x(slot, i); };
 #pragma unroll
       for (int d = 0; d < kPipe; ++d)
-        if (d < n_my) load(d, d);
+        if (d < n_my) load_x(d, d);
       for (int base = 0; base < n_my; base += kPipe) {
 #pragma unroll
         for (int d = 0; d < kPipe; ++d) {
@@ -204,8 +213,10 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(const MoeParams p
   const int t0 = blockIdx.y * kTokenTile, t1 = min(p.T, t0 + kTokenTile);
   const bool whole = gridDim.y == 1;  // one token tile: every pair of every expert is inside
 
-  for (int i = threadIdx.x; i < kDownWarps * kTokenTile * kRowTile; i += blockDim.x)
-    (&s.y_part[0][0][0])[i] = 0.f;
+  for (int i = threadIdx.x; i < kDownWarps * (t1 - t0) * kRowTile; i += blockDim.x) {
+    const int w = i / ((t1 - t0) * kRowTile), rest = i % ((t1 - t0) * kRowTile);
+    s.y_part[w][rest / kRowTile][rest % kRowTile] = 0.f;
+  }
 
   // Unit table: thread per kept slot (blockDim >= Bk is not assumed: slots are strided).
   constexpr int kSlotsPerThread = (kMaxExperts + kDownWarps * 32 - 1) / (kDownWarps * 32);
@@ -245,16 +256,20 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(const MoeParams p
   }
   __syncthreads();
 
+  // Work = (unit, chunk) pairs, unit-major, dealt round-robin to the warps: warp w takes pieces
+  // w, w + kDownWarps, ... Each warp accumulates one unit at a time and flushes (weights the 8 pair
+  // columns and adds them to its own float32 rows) when its next piece belongs to another unit.
   const int nchunks = p.f / kChunk;
-  const int n_my = (nchunks - warp + kDownWarps - 1) / kDownWarps;
-  const int iters = total * n_my;
+  const int pieces = total * nchunks;
+  const int iters = (pieces - warp + kDownWarps - 1) / kDownWarps;
   const T* w2 = static_cast<const T*>(p.w2);
   const T* act = static_cast<const T*>(p.act);
   const int64_t expert_stride = static_cast<int64_t>(p.h) * p.f;
-  uint4 wa[kPipe], wb[kPipe], xb[kPipe];
+  uint4 wa[kDownPipe], wb[kDownPipe], xb[kDownPipe];
   auto load = [&](int slot, int it) {
-    const int un = it / n_my;
-    const int k0 = (warp + (it % n_my) * kDownWarps) * kChunk + 8 * c;
+    const int piece = warp + it * kDownWarps;
+    const int un = piece / nchunks;
+    const int k0 = (piece % nchunks) * kChunk + 8 * c;
     const T* wr = w2 + s.unit_expert[un] * expert_stride + static_cast<int64_t>(r0 + g) * p.f + k0;
     wa[slot] = load_stream(wr);
     wb[slot] = load_stream(wr + 8 * static_cast<int64_t>(p.f));
@@ -263,16 +278,17 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(const MoeParams p
   };
   float acc[4] = {};
 #pragma unroll
-  for (int d = 0; d < kPipe; ++d)
+  for (int d = 0; d < kDownPipe; ++d)
     if (d < iters) load(d, d);
-  for (int base = 0; base < iters; base += kPipe) {
+  for (int base = 0; base < iters; base += kDownPipe) {
 #pragma unroll
-    for (int d = 0; d < kPipe; ++d) {
+    for (int d = 0; d < kDownPipe; ++d) {
       const int it = base + d;
       if (it < iters) {
         mma_chunk<T>(acc, wa[d], wb[d], xb[d]);
-        if (it % n_my == n_my - 1) {  // the unit is complete for this warp: weight and add
-          const int un = it / n_my;
+        const int un = (warp + it * kDownWarps) / nchunks;
+        const bool last = it + 1 == iters || (warp + (it + 1) * kDownWarps) / nchunks != un;
+        if (last) {
 #pragma unroll
           for (int h2 = 0; h2 < 2; ++h2) {
             const int n = 2 * c + h2;
@@ -285,7 +301,7 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(const MoeParams p
           }
           acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
         }
-        if (it + kPipe < iters) load(d, it + kPipe);
+        if (it + kDownPipe < iters) load(d, it + kDownPipe);
       }
     }
   }

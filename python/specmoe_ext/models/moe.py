@@ -10,8 +10,9 @@ Bk kept experts (min(budget, E); = E without a budget), P = N*K (token, slot) pa
 This is the layout the fused-MoE CUDA kernel consumes; `moe_experts` is the single place it drops in.
 Implementations (all read only the experts the routing keeps):
   "fused"   specmoe::fused_moe, the hand-written CUDA kernel (bf16/fp16, h and f multiples of 64):
-            default on CUDA for up to FUSED_MAX_TOKENS tokens per layer call (decode, small trees),
-            where it beats grouped GEMM (bench/bench_moe.py); no host sync, graph capturable.
+            default on CUDA while the average (token, slot) pairs per expert, N*K/E, is at most
+            FUSED_MAX_PAIRS_PER_EXPERT (decode, small trees), where it beats grouped GEMM
+            (bench/results/moe_*.json); no host sync, graph capturable.
   "loop"    per kept expert, a GEMM over its group of rows (host-known offsets: one sync; CPU default).
   "grouped" `torch._grouped_mm` / `F.grouped_mm` over the Bk groups (CUDA + bf16; CUDA-graph capturable).
   "gather"  per (token, slot) pair, gathers that expert's matrices and uses bmm (any dtype/device, no
@@ -27,9 +28,10 @@ from torch import Tensor
 from ..routing_types import Routing
 
 IMPLS = ("fused", "loop", "grouped", "gather")
-# Up to this many tokens per MoE call the fused kernel is faster than grouped GEMM on the H100 for every
-# benchmarked shape (bench/results/moe_*.json); above it, grouped GEMM's weight reuse wins.
-FUSED_MAX_TOKENS = 4
+# The fused kernel streams each loaded expert once per 16 pairs; grouped GEMM reuses weights better once
+# experts get many tokens. Measured crossover on the H100 (bench/results/moe_*.json): about 4 pairs per
+# expert on average (Qwen3-30B-A3B: T = 64, Mixtral: T = 16).
+FUSED_MAX_PAIRS_PER_EXPERT = 4
 _grouped_mm_fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -48,11 +50,13 @@ def fused_available(x: Tensor, w13: Tensor | None = None) -> bool:
             and (w13 is None or (w13.shape[-1] % 64 == 0 and (w13.shape[-2] // 2) % 64 == 0)))
 
 
-def default_impl(x: Tensor, w13: Tensor | None = None) -> str:
+def default_impl(x: Tensor, w13: Tensor | None = None, routing_k: int | None = None) -> str:
     if not x.is_cuda:
         return "loop"
-    if x.shape[0] <= FUSED_MAX_TOKENS and fused_available(x, w13):
-        return "fused"
+    if w13 is not None and fused_available(x, w13):
+        K = routing_k if routing_k is not None else 1
+        if x.shape[0] * K <= FUSED_MAX_PAIRS_PER_EXPERT * w13.shape[0]:
+            return "fused"
     # the CUTLASS path wants 16-byte aligned rows: h and f multiples of 8 bf16 elements
     aligned = w13 is None or (w13.shape[-1] % 8 == 0 and w13.shape[-2] % 16 == 0)
     return "grouped" if aligned and grouped_mm_available(x) else "gather"
@@ -141,7 +145,7 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str 
                          f"w2 {tuple(w2.shape)} (want w13 [E, 2f, h], w2 [E, h, f])")
     if routing.ids.shape[0] != N:
         raise ValueError(f"moe_experts: routing covers {routing.ids.shape[0]} tokens, x has {N}")
-    impl = impl or default_impl(x, w13)
+    impl = impl or default_impl(x, w13, routing.ids.shape[1])
     if impl == "fused":
         from .. import ops
         return ops.fused_moe(x, w13, w2, routing)
