@@ -5,11 +5,17 @@ Shape legend: bs prompts in one batch (one per --prompt), N generated tokens per
     specmoe generate [--model DIR | --preset NAME] [--prompt TEXT ...] [--max-new-tokens N]
                      [--temperature T] [--top-p P] [--top-k K] [--seed S] [--dtype D] [--device DEV]
                      [--no-cuda-graph] [--json] [--no-progress]
+                     [--draft model|model:DIR|self[:N]|ngram[:N]|eagle:DIR] [--tree SPEC] [--accept RULE]
+                     [--budget B[,B...]] [--budget-policy substitute|truncate] [--budget-weights uniform|path]
+                     [--no-protect-root]
+    specmoe demo     autoregressive vs speculative vs speculative + expert budget on the embedded `tiny` pair
     specmoe models   list the presets and the supported checkpoint architectures
 
 With no --model/--preset, `generate` runs the embedded `tiny` MoE model (CPU is fine). Several --prompt
 flags make one batch. Random-weight presets have no tokenizer: their prompt is encoded with the tiny
 model's tokenizer (its ids are valid in every preset's vocabulary) and only token ids are reported.
+--draft turns on speculative decoding (spec/engine.py); `--draft model` means the preset's bundled draft
+model (the `tiny` preset has one), `model:DIR` any checkpoint folder sharing the target's vocabulary.
 
 Structure: each subcommand is an (add_arguments, run) pair in COMMANDS; later features add flags to a
 subparser through `build_parser()` (e.g. --draft/--tree/--budget on generate) or add subcommands.
@@ -43,6 +49,37 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
+    _add_spec_args(p, draft_default=None)
+
+
+def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget_default: str | None = None) -> None:
+    g = p.add_argument_group("speculative decoding" + (" (on when --draft is given)" if draft_default is None else ""))
+    g.add_argument("--draft", metavar="SPEC", default=draft_default,
+                   help="drafter: 'model' = the preset's bundled draft model (tiny has one); 'model:DIR' = a "
+                        "checkpoint folder sharing the target's vocabulary; 'self' or 'self:N' = the target itself "
+                        "with N resident experts per MoE layer (default E/2; SpecMoE); 'ngram' or 'ngram:N' = "
+                        "prompt lookup of the longest recent suffix (up to N=4 tokens); 'eagle:DIR' = an EAGLE-3 "
+                        "head folder (published layout)" + (f" (default: {draft_default})" if draft_default else ""))
+    g.add_argument("--tree", metavar="SPEC", default="chain:4",
+                   help="draft tree: 'chain:G' (G tokens in a line), 'static:b1,b2,...' (b_d children per node at "
+                        "depth d), 'dynamic:topk=K,depth=D,tokens=M' (EAGLE-2: expand the K best nodes per level, "
+                        "keep the M best overall) (default: chain:4)")
+    g.add_argument("--accept", default="auto", choices=["auto", "target", "q"],
+                   help="acceptance at temperature > 0: 'target' (exact for any tree), 'q' (q-aware, for sampled "
+                        "chain/static drafts), auto = q for chain/static, target for dynamic (default); "
+                        "temperature 0 is always greedy")
+    g.add_argument("--budget", metavar="B", default=budget_default,
+                   help="MoE-Spec expert budget in the verifier: at most B experts per MoE layer for the whole "
+                        "batch of draft trees (one number, or one per layer: 32,32,16,16; 'none' = no budget for a "
+                        "layer); "
+                        "lossy" + (f" (default: {budget_default})" if budget_default else "; off by default"))
+    g.add_argument("--budget-policy", default="substitute", choices=["substitute", "truncate"],
+                   help="tokens whose experts were cut: re-pick top-K among the kept experts (substitute, "
+                        "default) or drop those slots (truncate)")
+    g.add_argument("--budget-weights", default="uniform", choices=["uniform", "path"],
+                   help="token weights of the expert scores: uniform (default) or the draft path probability")
+    g.add_argument("--no-protect-root", action="store_true",
+                   help="let the budget cut the committed root token's own experts (protected by default)")
 
 
 DEFAULT_PROMPT = "Return a new"
@@ -57,11 +94,47 @@ def _resolve_device(name: str) -> str:
     return name
 
 
-def _run_generate(a: argparse.Namespace) -> int:
-    import torch
-    from .models import SamplingParams, generate, load_tokenizer
-    from .models.loader import CheckpointError, load_model, resolve_dtype
+def _load_target(a: argparse.Namespace, device: str, dtype, cmd: str):
+    """-> (name, target, tokenizer, has_text, target_dir, bundled_draft_dir)."""
+    from .models import load_tokenizer
+    from .models.loader import CheckpointError, load_model
     from .models.presets import DEFAULT_PRESET, TINY_DIR, build_preset, get_preset
+    try:
+        if getattr(a, "model", None):
+            return a.model, load_model(a.model, device, dtype), load_tokenizer(a.model), True, a.model, None
+        name = getattr(a, "preset", None) or DEFAULT_PRESET
+        preset = get_preset(name)
+        tok = load_tokenizer(preset.path if not preset.random else TINY_DIR / "target")
+        model = build_preset(name, device, dtype, seed=a.seed)
+        return name, model, tok, not preset.random, preset.path, preset.draft_path
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"specmoe {cmd}: {e}")
+
+
+def _spec_engine(a: argparse.Namespace, target, target_dir, draft_dir, dtype, cmd: str, budget: str | None = None):
+    """The SpecEngine the --draft/--tree/--budget flags describe; every flag is checked before loading."""
+    from .models.loader import CheckpointError
+    from .spec import BudgetConfig, SpecEngine, TreeSpec, make_drafter
+    try:
+        spec = TreeSpec.parse(a.tree)
+        bcfg = None
+        if budget:
+            bcfg = BudgetConfig.parse(budget, policy=a.budget_policy, weights=a.budget_weights,
+                                      protect_root=not a.no_protect_root)
+            bcfg.validate(target.args)
+        drafter = make_drafter(a.draft, target, default_draft_dir=draft_dir, target_dir=target_dir, dtype=dtype)
+        return SpecEngine(target, drafter, spec, bcfg, a.accept)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"specmoe {cmd}: {e}")
+
+
+def _spec_json(res) -> dict:
+    return {**res.config, **res.summary()}
+
+
+def _run_generate(a: argparse.Namespace) -> int:
+    from .models import SamplingParams, generate
+    from .models.loader import resolve_dtype
 
     try:
         sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
@@ -69,25 +142,21 @@ def _run_generate(a: argparse.Namespace) -> int:
         raise SystemExit(f"specmoe generate: {e}")
     if a.max_new_tokens < 1:
         raise SystemExit("specmoe generate: --max-new-tokens must be >= 1")
+    speculative = a.draft is not None
+    if not speculative:
+        used = [f for f, v in (("--budget", a.budget), ("--no-protect-root", a.no_protect_root)) if v]
+        used += [f for f, v, d in (("--tree", a.tree, "chain:4"), ("--accept", a.accept, "auto"),
+                                    ("--budget-policy", a.budget_policy, "substitute"),
+                                    ("--budget-weights", a.budget_weights, "uniform")) if v != d]
+        if used:
+            raise SystemExit(f"specmoe generate: {', '.join(used)} apply to speculative decoding: add --draft")
     device = _resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     prompts = a.prompt or [DEFAULT_PROMPT]
 
     t0 = time.perf_counter()
-    try:
-        if a.model:
-            name = a.model
-            tok = load_tokenizer(a.model)
-            model = load_model(a.model, device, dtype)
-            has_text = True
-        else:
-            name = a.preset or DEFAULT_PRESET
-            preset = get_preset(name)
-            tok = load_tokenizer(preset.path if not preset.random else TINY_DIR / "target")
-            model = build_preset(name, device, dtype, seed=a.seed)
-            has_text = not preset.random
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"specmoe generate: {e}")
+    name, model, tok, has_text, target_dir, draft_dir = _load_target(a, device, dtype, "generate")
+    engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "generate", a.budget) if speculative else None
     load_s = time.perf_counter() - t0
 
     ids = [tok.encode(p) for p in prompts]
@@ -100,9 +169,15 @@ def _run_generate(a: argparse.Namespace) -> int:
         from tqdm import tqdm
         bar = tqdm(total=a.max_new_tokens, desc="generating", unit="tok", file=sys.stderr, leave=False,
                    disable=None)
-    res = generate(model, ids, a.max_new_tokens, sampling, stop,
-                   cuda_graph=False if a.no_cuda_graph else None,
-                   on_token=(lambda step, t: bar.update(1)) if bar is not None else None)
+    if engine is not None:
+        try:
+            res = engine.generate(ids, a.max_new_tokens, sampling, stop)
+        except ValueError as e:
+            raise SystemExit(f"specmoe generate: {e}")
+    else:
+        res = generate(model, ids, a.max_new_tokens, sampling, stop,
+                       cuda_graph=False if a.no_cuda_graph else None,
+                       on_token=(lambda step, t: bar.update(1)) if bar is not None else None)
     if bar is not None:
         bar.close()
 
@@ -118,13 +193,21 @@ def _run_generate(a: argparse.Namespace) -> int:
         "cuda_graph": res.cuda_graph, "graph_capture_ms": round(1e3 * res.extra.get("capture_s", 0.0), 1),
         "load_s": round(load_s, 3),
     }
+    spec = None
+    if engine is not None:
+        spec = _spec_json(res)
+        stats["decode_tokens_per_s"] = round((res.n_generated - len(ids)) / res.decode_s, 2) if res.decode_s else None
+        stats["accepted_per_step"] = spec["accepted_per_step"]
+        stats["tokens_per_step"] = spec["tokens_per_step"]
     dt = str(dtype).replace("torch.", "")
     if a.json:
-        print(json.dumps({
-            "model": name, "architecture": model.args.architecture, "device": str(device),
-            "dtype": dt, "parameters": model.num_parameters(),
-            "sampling": {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed},
-            "max_new_tokens": a.max_new_tokens, "outputs": outputs, "stats": stats}, indent=2))
+        doc = {"model": name, "architecture": model.args.architecture, "device": str(device),
+               "dtype": dt, "parameters": model.num_parameters(),
+               "sampling": {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed},
+               "max_new_tokens": a.max_new_tokens, "outputs": outputs, "stats": stats}
+        if spec is not None:
+            doc["speculative"] = spec
+        print(json.dumps(doc, indent=2))
         return 0
     for o in outputs:
         if has_text:
@@ -132,10 +215,108 @@ def _run_generate(a: argparse.Namespace) -> int:
         else:
             print(f"[random-weight preset {name}: token ids] {o['tokens']}")
         print("-" * 72)
+    how = (f"decode {res.decode_step_ms:.2f} ms/step x {res.decode_steps}" if spec is None else
+           f"{res.decode_steps} speculative steps, {spec['tokens_per_step']} tokens/step, drafter {spec['drafter']}, "
+           f"tree {spec['tree']}" + (f", budget {spec['budget']['budget']}" if spec["budget"] else ""))
     print(f"{res.n_generated} tokens in {res.prefill_s + res.decode_s:.2f} s: {res.tokens_per_s:.1f} tokens/s "
-          f"(prefill {1e3 * res.prefill_s:.1f} ms, decode {res.decode_step_ms:.2f} ms/step x "
-          f"{res.decode_steps}, batch {len(ids)}, {model.args.architecture} on {device} {dt}"
-          f"{', CUDA graph' if res.cuda_graph else ''})", file=sys.stderr)
+          f"(prefill {1e3 * res.prefill_s:.1f} ms, {how}, batch {len(ids)}, {model.args.architecture} on "
+          f"{device} {dt}{', CUDA graph' if res.cuda_graph else ''})", file=sys.stderr)
+    if spec is not None and spec["experts_touched_per_layer"]:
+        pairs = " ".join(f"{t:g}->{l:g}" for t, l in zip(spec["experts_touched_per_layer"],
+                                                         spec["experts_loaded_per_layer"]))
+        print(f"experts per MoE layer and step, touched -> loaded: {pairs}", file=sys.stderr)
+    return 0
+
+
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="prompt text; repeat for a batch (default: 'Return a new')")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
+    p.add_argument("--no-progress", action="store_true", help="(accepted for symmetry with generate)")
+    _add_spec_args(p, draft_default="model")
+
+
+def _run_demo(a: argparse.Namespace) -> int:
+    """The embedded tiny pair, greedy: autoregressive, speculative, speculative + expert budget."""
+    from .models import generate
+    from .models.loader import resolve_dtype
+
+    if a.max_new_tokens < 1:
+        raise SystemExit("specmoe demo: --max-new-tokens must be >= 1")
+    device = _resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    a.model, a.preset = None, "tiny"
+    name, model, tok, _, target_dir, draft_dir = _load_target(a, device, dtype, "demo")
+    E = model.args.n_experts
+    budget = a.budget or str(max(model.args.top_k, E // 2))
+    spec_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", None)
+    budget_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", budget)
+    prompts = a.prompt or [DEFAULT_PROMPT]
+    ids = [tok.encode(p) for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        raise SystemExit("specmoe demo: a prompt encodes to zero tokens")
+    N = a.max_new_tokens
+    # warm-up (first-call allocations and kernel selection), then the timed runs; greedy, no stop tokens
+    generate(model, ids, min(4, N), cuda_graph=False)
+    spec_engine.generate(ids, min(4, N))
+    ar = generate(model, ids, N, cuda_graph=False)
+    runs = [("autoregressive", ar, None)]
+    for label, eng in (("speculative", spec_engine), (f"speculative + budget B={budget}", budget_engine)):
+        res = eng.generate(ids, N)
+        runs.append((label, res, _spec_json(res)))
+
+    def agreement(res) -> dict:
+        tot = sum(len(t) for t in ar.tokens)
+        same = 0
+        first = None
+        for x, y in zip(res.tokens, ar.tokens):
+            k = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+            same += k
+            if k < len(y) and (first is None or k < first):
+                first = k
+        return {"matches_autoregressive": res.tokens == ar.tokens, "tokens_before_divergence": same,
+                "tokens": tot, "first_divergence": first}
+
+    rows = []
+    for label, res, spec in runs:
+        row = {"run": label, "tokens_per_s": round(res.tokens_per_s, 2), "generated_tokens": res.n_generated,
+               "seconds": round(res.prefill_s + res.decode_s, 4)}
+        if spec is not None:
+            row.update({"tokens_per_step": spec["tokens_per_step"], "accepted_per_step": spec["accepted_per_step"],
+                        "experts_touched_per_layer": spec["experts_touched_per_layer"],
+                        "experts_loaded_per_layer": spec["experts_loaded_per_layer"], **agreement(res),
+                        "config": {k: spec[k] for k in ("drafter", "tree", "rule", "budget")}})
+        rows.append(row)
+    a_ = model.args
+    head = {"model": name, "architecture": a_.architecture, "layers": a_.n_layers, "experts": E,
+            "top_k": a_.top_k, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "prompts": prompts, "max_new_tokens": N, "draft": a.draft, "tree": a.tree}
+    if a.json:
+        print(json.dumps({**head, "runs": rows, "text": [tok.decode(t) for t in ar.tokens]}, indent=2))
+        return 0
+    print(f"specmoe demo: {name} ({a_.architecture}, {a_.n_layers} layers, {E} experts top-{a_.top_k}) on "
+          f"{device} {head['dtype']}; draft {a.draft}, tree {a.tree}; {len(ids)} prompt(s) x {N} new tokens, greedy")
+    print(f"text (autoregressive): {(prompts[0] + tok.decode(ar.tokens[0]))!r}")
+    print()
+    print(f"{'run':34s} {'tokens/s':>9s} {'tok/step':>9s} {'accepted/step':>14s}  {'same as AR':>12s}")
+    for r in rows:
+        same = "-"
+        if "matches_autoregressive" in r:
+            same = "yes" if r["matches_autoregressive"] else f"no ({r['tokens_before_divergence']}/{r['tokens']})"
+        print(f"{r['run']:34s} {r['tokens_per_s']:9.1f} {r.get('tokens_per_step') or 1.0:9.2f} "
+              f"{r.get('accepted_per_step') if r.get('accepted_per_step') is not None else '-':>14}  {same:>12s}")
+    print()
+    print("experts per MoE layer and verification step, touched (the tree's natural routing) -> loaded (read):")
+    for r in rows[1:]:
+        pairs = "  ".join(f"L{i}: {t:.2f}->{l:.2f}" for i, (t, l) in
+                          enumerate(zip(r["experts_touched_per_layer"], r["experts_loaded_per_layer"])))
+        print(f"  {r['run']:32s} {pairs}")
+    print("(the budget is lossy: 'same as AR' counts the tokens before the first divergence)")
     return 0
 
 
@@ -165,7 +346,10 @@ def _run_models(a: argparse.Namespace) -> int:
 
 # name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
-    "generate": ("generate text with an MoE model (autoregressive baseline)", _add_generate_args, _run_generate),
+    "generate": ("generate text with an MoE model (autoregressive, or speculative with --draft)",
+                 _add_generate_args, _run_generate),
+    "demo": ("autoregressive vs speculative vs speculative + expert budget on the embedded tiny pair",
+             _add_demo_args, _run_demo),
     "models": ("list presets and supported checkpoint architectures", _add_models_args, _run_models),
 }
 

@@ -133,13 +133,14 @@ class DecodeGraph:
 def _graph_for(model: Transformer, cache: KVCache, moe: MoEControl | None) -> DecodeGraph:
     """The decode graph for (model, cache, routing settings), captured on first use and kept on the cache.
     A graph bakes in the MoE budget / policy; per-token tensors or a routing record cannot be replayed."""
-    if moe is not None and (moe.token_weights is not None or moe.protect is not None or moe.record is not None):
-        raise ValueError("generate: a MoEControl with token_weights / protect / record cannot run in a CUDA "
-                         "graph; pass cuda_graph=False")
+    if moe is not None and moe.per_call:
+        raise ValueError("generate: a MoEControl with token_weights / protect / record / token_mask / stats "
+                         "cannot run in a CUDA graph; pass cuda_graph=False")
     key: tuple = (id(model),)
     if moe is not None:
         b = moe.budget
-        key += (b if b is None or isinstance(b, int) else tuple(b), moe.policy, moe.impl)
+        key += (b if b is None or isinstance(b, int) else tuple(b), moe.policy, moe.impl,
+                id(moe.expert_map) if moe.expert_map is not None else None)
     g = cache.graphs.get(key)
     if g is None or g.model is not model:
         g = cache.graphs[key] = DecodeGraph(model, cache, moe)
@@ -205,7 +206,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]] | Tensor, max_
         raise ValueError(f"generate: cache has batch {cache.batch_size} / capacity {cache.capacity}, need "
                          f"batch {bs} / capacity {need} (longest prompt {max(lens)} + {max_new_tokens} new)")
     dev = cache.device
-    per_call = moe is not None and (moe.token_weights is not None or moe.protect is not None or moe.record is not None)
+    per_call = moe is not None and moe.per_call
     use_graph = (dev.type == "cuda" and not per_call) if cuda_graph is None else bool(cuda_graph)
     if use_graph and dev.type != "cuda":
         raise ValueError("generate: cuda_graph=True needs the model on a CUDA device")

@@ -20,6 +20,7 @@ Protocol (all checks happen on the host BEFORE anything is written):
     logits = model(tokens, positions, cache, slots, mask)   # forward writes K/V at `slots`
     cache.compact(b, src, dst)      # optional: move accepted tree entries into place
     cache.advance(n) / set_length   # commit
+    cache.keep_rows(rows)           # finished requests leave: the remaining rows move to the front
 """
 from __future__ import annotations
 
@@ -121,6 +122,28 @@ class KVCache:
         new = _as_list(lengths, self.batch_size, "set_lengths")
         self._check(new, "setting lengths")
         self._set(new)
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only the requests `rows` (strictly ascending row indices) as rows 0..n-1, e.g. when
+        finished requests leave a speculative batch. Only rows whose index changes are copied, and the
+        buffers become views of their first n rows (no reallocation, no full copy). CUDA graphs captured
+        on this cache are dropped (their batch size no longer exists)."""
+        rows = [int(r) for r in rows]
+        if not rows or any(b <= a for a, b in zip(rows, rows[1:])) or rows[0] < 0 or rows[-1] >= self.batch_size:
+            raise ValueError(f"KV cache keep_rows: need a non-empty, strictly ascending subset of "
+                             f"[0, {self.batch_size}), got {rows}")
+        for i, r in enumerate(rows):   # r >= i, and rows < i were already moved: safe in this order
+            if r != i:
+                for buf in self.k + self.v:
+                    buf[i].copy_(buf[r])
+        n = len(rows)
+        self.k = [t[:n] for t in self.k]
+        self.v = [t[:n] for t in self.v]
+        self.batch_size = n
+        self._rows = self._rows[:n]
+        self.lengths = self.lengths[:n].clone()
+        self._set([self._host_lengths[r] for r in rows])
+        self.graphs = {}
 
     def reset(self) -> None:
         """Forget every request's tokens (the buffers are reused, stale entries are never attended)."""

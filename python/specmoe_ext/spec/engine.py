@@ -1,0 +1,359 @@
+"""The speculative decoding loop, gpt-fast style: draft -> verify -> accept -> compact -> stats.
+
+Shape legend: bs active requests, T tree nodes (node 0 = root = last committed token), V vocab, S cache
+capacity, P longest prompt, E experts, L_moe MoE layers, h hidden.
+
+    start    prefill every prompt into the target cache (one forward), sample the first token: it becomes
+             the root of the first tree (committed, but its K/V is not in the cache yet)
+    step     1. host capacity check: max(tree nodes, slots the drafter writes in the target cache) past
+                every prefix; raises CacheCapacityError before anything is written
+             2. tree = drafter.draft(spec)                                          DraftTree [bs, T]
+             3. ONE target forward over all nodes of all requests: node i of request b at position
+                prefix_b + depth, slot prefix_b + i, seeing the prefix and its ancestors (tree_mask);
+                optional MoE-Spec expert budget (MoEControl) and expert statistics
+             4. accept (greedy / target-sampling / q-aware)      -> path, accepted count, bonus token
+             5. kv_compact: the accepted path's K/V moves right after the prefix; commit prefix + n + 1
+             6. append accepted tokens + bonus, apply stop tokens / max_new_tokens, feed the drafter,
+                and drop finished requests from the batch (KV rows, drafter state)
+Greedy output equals greedy autoregressive decoding token for token (lossless); at temperature > 0 the
+emitted tokens are distributed as autoregressive sampling (one Philox-free torch.Generator per request,
+seeded from `seed`, so runs are reproducible). The expert budget is lossy and off by default.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..models.config import ModelArgs
+from ..models.generate import GenerationResult, SamplingParams, _to_lists
+from ..models.kv_cache import CacheCapacityError, KVCache
+from ..models.model import ExpertStats, MoEControl, Transformer, causal_mask, tree_mask
+from ..routing_types import POLICIES
+from .accept import RULES, _sample_rows, accept, target_probs
+from .drafters import Drafter, SpecState, StepOutcome
+from .kv import kv_compact
+from .tree import TreeSpec
+
+WEIGHTINGS = ("uniform", "path")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """MoE-Spec expert budget for the verification forward (see shared/algorithms.md section 2).
+
+    budget        B for every MoE layer, or one entry per layer (None = no budget for that layer)
+    policy        "substitute" (re-pick top-K among kept experts) | "truncate" (drop dropped slots)
+    weights       "uniform" (w_t = 1, the paper) | "path" (w_t = draft probability of reaching node t)
+    protect_root  the committed root token always keeps its natural top-K experts
+    """
+
+    budget: int | tuple[int | None, ...]
+    policy: str = "substitute"
+    weights: str = "uniform"
+    protect_root: bool = True
+
+    @staticmethod
+    def parse(text: str, **kw) -> "BudgetConfig":
+        """"32" or "32,32,16,16" (one per layer; "none" or "-" = no budget for that layer)."""
+        parts = [p.strip().lower() for p in str(text).split(",")]
+        try:
+            vals = [None if p in ("-", "none") else int(p) for p in parts]
+        except ValueError:
+            raise ValueError(f"--budget {text!r}: expected an integer or a comma list per layer (e.g. 32 or "
+                             f"32,32,16,16; 'none' = no budget for a layer)") from None
+        budget = vals[0] if len(vals) == 1 and vals[0] is not None else tuple(vals)
+        return BudgetConfig(budget, **kw)
+
+    def validate(self, args: ModelArgs) -> None:
+        if not args.is_moe:
+            raise ValueError(f"an expert budget needs an MoE target ({args.architecture} has no experts)")
+        if self.policy not in POLICIES:
+            raise ValueError(f"budget policy {self.policy!r}: choose one of {POLICIES}")
+        if self.weights not in WEIGHTINGS:
+            raise ValueError(f"budget token weights {self.weights!r}: choose one of {WEIGHTINGS}")
+        K = args.top_k
+        per = [self.budget] * args.n_layers if isinstance(self.budget, int) else list(self.budget)
+        if len(per) != args.n_layers:
+            raise ValueError(f"per-layer budget has {len(per)} entries, the model has {args.n_layers} layers")
+        for i, (b, moe) in enumerate(zip(per, args.moe_layers)):
+            if b is not None and moe and b < K:
+                raise ValueError(f"expert budget {b} < top_k {K} (layer {i}): every token needs its {K} experts")
+            if b is not None and b < 1:
+                raise ValueError(f"expert budget must be >= 1, got {b} (layer {i})")
+
+    def describe(self) -> dict:
+        b = self.budget if isinstance(self.budget, int) else list(self.budget)
+        return {"budget": b, "policy": self.policy, "weights": self.weights, "protect_root": self.protect_root}
+
+
+@dataclass
+class StepStats:
+    batch: int                   # active requests in this step
+    tree_nodes: int              # T (padded to the largest tree of the batch)
+    valid_nodes: list[int]       # real nodes per request
+    accepted: list[int]          # accepted draft tokens per request (a step emits accepted + 1)
+    touched: list[int]           # per MoE layer: distinct experts the tree's natural routing wanted
+    loaded: list[int]            # per MoE layer: experts read (kept experts with >= 1 pair)
+    draft_s: float
+    verify_s: float
+    accept_s: float
+
+
+@dataclass
+class SpecResult(GenerationResult):
+    steps: list[StepStats] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Acceptance and expert statistics over all steps (per request-step for acceptance)."""
+        acc = [a for s in self.steps for a in s.accepted]
+        n_steps = len(self.steps)
+        hist: dict[int, int] = {}
+        for a in acc:
+            hist[a] = hist.get(a, 0) + 1
+        L = len(self.steps[0].touched) if self.steps else 0
+
+        def mean(xs):
+            xs = list(xs)
+            return round(sum(xs) / len(xs), 4) if xs else None
+
+        return {
+            "steps": n_steps,
+            "accepted_per_step": mean(acc),                       # draft tokens accepted per request-step
+            "tokens_per_step": mean(a + 1 for a in acc),          # tokens committed per request-step
+            "acceptance_histogram": {str(k): hist[k] for k in sorted(hist)},
+            "tree_nodes_mean": mean(s.tree_nodes for s in self.steps),
+            "experts_touched_per_layer": [mean(s.touched[l] for s in self.steps) for l in range(L)],
+            "experts_loaded_per_layer": [mean(s.loaded[l] for s in self.steps) for l in range(L)],
+            "draft_ms_per_step": mean(1e3 * s.draft_s for s in self.steps),
+            "verify_ms_per_step": mean(1e3 * s.verify_s for s in self.steps),
+            "accept_ms_per_step": mean(1e3 * s.accept_s for s in self.steps),
+        }
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class SpecEngine:
+    """Speculative decoding of `target` with `drafter` over trees of shape `tree`.
+
+    budget: None (lossless verification) or a BudgetConfig (MoE-Spec). rule: "auto" | "target" | "q" (see
+    accept.resolve_rule; at temperature > 0, chain / static trees are drafted by sampling unless rule is
+    "target"). Every argument is checked here, before any work."""
+
+    def __init__(self, target: Transformer, drafter: Drafter, tree: str | TreeSpec = "chain:4",
+                 budget: BudgetConfig | None = None, rule: str = "auto"):
+        self.target, self.drafter = target, drafter
+        self.spec = TreeSpec.parse(tree)
+        if budget is not None:
+            budget.validate(target.args)
+        if rule not in RULES:
+            raise ValueError(f"acceptance rule {rule!r}: choose one of {RULES}")
+        if rule == "q" and self.spec.kind == "dynamic":
+            raise ValueError("acceptance rule 'q' needs sampled drafts: use a chain or static tree, or rule 'target'")
+        self.budget, self.rule = budget, rule
+
+    # ---- sizes -----------------------------------------------------------------------------------
+    def slots_per_step(self) -> int:
+        """Target-cache slots one step may write past a request's committed prefix."""
+        return max(self.spec.max_nodes, self.drafter.target_slots(self.spec))
+
+    def capacity_for(self, max_prompt: int, max_new_tokens: int) -> int:
+        return max_prompt + max_new_tokens + self.slots_per_step()
+
+    def _sample_drafts(self, sampling: SamplingParams) -> bool:
+        return not sampling.greedy and self.rule != "target" and self.spec.kind != "dynamic"
+
+    # ---- prefill ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, prompts: list[list[int]], sampling: SamplingParams, cache: KVCache) -> SpecState:
+        """Prefill the prompts (cache reset first), sample each request's first token, start the drafter."""
+        dev, bs = cache.device, len(prompts)
+        gens = None
+        if not sampling.greedy:
+            seed = sampling.seed if sampling.seed is not None else torch.seed()
+            gens = [torch.Generator(device=dev).manual_seed(seed * 1_000_003 + b) for b in range(bs)]
+        cache.reset()
+        lens = [len(p) for p in prompts]
+        P = max(lens)
+        slots = cache.reserve(P)
+        toks = torch.zeros(bs, P, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            toks[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        toks = toks.to(dev)
+        real = (torch.arange(P, device=dev)[None, :] < torch.tensor(lens, device=dev)[:, None]).reshape(-1)
+        stats = ExpertStats(mask=real)
+        hidden: list[Tensor] | None = [] if self.drafter.hidden_layers else None
+        last = torch.tensor(lens, device=dev)[:, None] - 1
+        logits = self.target(toks, slots, cache, slots, causal_mask(slots, cache.capacity), MoEControl(stats=stats),
+                             logits_index=last, hidden_layers=self.drafter.hidden_layers, hidden_out=hidden)[:, 0]
+        cache.advance(lens)
+        if sampling.greedy:
+            first = logits.argmax(-1)
+        else:
+            u = torch.stack([torch.rand((), generator=g, device=dev) for g in gens])
+            first = _sample_rows(target_probs(logits[:, None], sampling)[:, 0], u)
+        ctx = [list(p) + [int(t)] for p, t in zip(prompts, first.tolist())]
+        state = SpecState(self.target, cache, ctx, list(range(bs)), gens, sampling,
+                          out=[[] for _ in range(bs)], done=[False] * bs, reasons=["length"] * bs)
+        if stats.layers:
+            self.drafter.observe(stats.natural())
+        self.drafter.start(state, self.spec, hidden)
+        return state
+
+    # ---- one speculative step --------------------------------------------------------------------
+    def _verify_control(self, tree) -> tuple[MoEControl, ExpertStats]:
+        bs, T = tree.tokens.shape
+        valid = tree.valid.reshape(-1)
+        padded = not bool(valid.all())
+        stats = ExpertStats(mask=valid if padded else None)
+        kw: dict = dict(stats=stats, token_mask=valid if padded else None)
+        if self.budget is not None:
+            if self.budget.weights == "uniform":
+                w = torch.ones(bs * T, dtype=torch.float32, device=valid.device)
+            else:
+                w = torch.exp(tree.logp).reshape(-1).float()      # root: logp 0 -> weight 1
+            protect = None
+            if self.budget.protect_root:
+                protect = (torch.arange(T, device=valid.device) == 0).repeat(bs)
+            kw.update(budget=self.budget.budget, policy=self.budget.policy, token_weights=(w * valid).contiguous(),
+                      protect=protect)
+        return MoEControl(**kw), stats
+
+    @torch.no_grad()
+    def step(self, state: SpecState) -> tuple[StepStats, list[list[int]]]:
+        """One draft / verify / accept / compact round for every active request -> (stats, tokens committed
+        per active request). Raises before any write if a tree cannot fit in the cache."""
+        cache, dev = state.cache, state.device
+        need = self.slots_per_step()
+        try:
+            cache.check_append(need)
+        except CacheCapacityError as e:
+            raise CacheCapacityError(f"speculative step: tree {self.spec} needs {need} cache slots past the "
+                                     f"committed prefix: {e}") from None
+        prefix = cache.host_lengths()
+        sampling = state.sampling
+        _sync(dev)
+        t0 = time.perf_counter()
+        tree = self.drafter.draft(self.spec, sample=self._sample_drafts(sampling), sampling=sampling,
+                                  generators=state.generators)
+        if tree.T > need:
+            raise AssertionError(f"drafter produced {tree.T} nodes, more than the {need} checked for")
+        _sync(dev)
+        t1 = time.perf_counter()
+        L = torch.tensor(prefix, device=dev)
+        slots = tree.slots(L)
+        mask = tree_mask(L, slots, tree.ancestors(), cache.capacity)
+        moe, stats = self._verify_control(tree)
+        hidden: list[Tensor] | None = [] if self.drafter.hidden_layers else None
+        logits = self.target(tree.tokens, tree.positions(L), cache, slots, mask, moe,
+                             hidden_layers=self.drafter.hidden_layers, hidden_out=hidden)
+        _sync(dev)
+        t2 = time.perf_counter()
+        acc = accept(tree, logits, sampling, self.rule, state.generators)
+        n = acc.n_accepted.tolist()
+        kv_compact(cache, prefix, acc.path, n)
+        emitted = acc.emitted(tree)
+        for c, em in zip(state.ctx, emitted):
+            c.extend(em)
+        touched = stats.touched().tolist() if stats.layers else []
+        loaded = stats.loaded().tolist() if stats.layers else []
+        if stats.layers:
+            self.drafter.observe(stats.natural())
+        self.drafter.commit(StepOutcome(prefix, acc, emitted, torch.cat(hidden, -1) if hidden else None))
+        _sync(dev)
+        t3 = time.perf_counter()
+        return StepStats(state.bs, tree.T, tree.n_valid().tolist(), n, touched, loaded, t1 - t0, t2 - t1,
+                         t3 - t2), emitted
+
+    def _leave(self, state: SpecState) -> None:
+        """Drop finished requests from the batch (target cache rows, drafter state, generators)."""
+        keep = [i for i, r in enumerate(state.rows) if not state.done[r]]
+        if not keep or len(keep) == state.bs:
+            return
+        state.cache.keep_rows(keep)
+        self.drafter.keep(keep)
+        state.ctx = [state.ctx[i] for i in keep]
+        state.rows = [state.rows[i] for i in keep]
+        if state.generators is not None:
+            state.generators = [state.generators[i] for i in keep]
+
+    # ---- the whole generation --------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), *,
+                 cache: KVCache | None = None,
+                 on_step: Callable[[StepStats, list[list[int]]], None] | None = None) -> SpecResult:
+        """Generate up to max_new_tokens per prompt. Every check (prompts, vocabulary, capacity, context
+        limit) happens before any device work; `cache` (optional) must hold capacity_for(P, N) slots."""
+        plist = _to_lists(prompts)
+        bs = len(plist)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if any(len(p) == 0 for p in plist):
+            raise ValueError("generate: every prompt needs at least one token")
+        V = self.target.args.vocab_size
+        bad = [t for p in plist for t in p if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"generate: token ids outside the vocabulary [0, {V}): {bad[:5]}")
+        lens = [len(p) for p in plist]
+        need = self.capacity_for(max(lens), max_new_tokens)
+        self.target.args.check_context(need)
+        if cache is None:
+            cache = KVCache.for_model(self.target, bs, need)
+        elif cache.batch_size != bs or cache.capacity < need:
+            raise CacheCapacityError(
+                f"speculative generate: cache has batch {cache.batch_size} / capacity {cache.capacity}, need batch "
+                f"{bs} / capacity {need} (longest prompt {max(lens)} + {max_new_tokens} new + {self.slots_per_step()} "
+                f"slots for the tree {self.spec})")
+        self.drafter.check(cache.capacity, self.spec)
+        stop = set(int(s) for s in stop_ids)
+        dev = cache.device
+        _sync(dev)
+        t0 = time.perf_counter()
+        state = self.start(plist, sampling, cache)
+
+        def record(rows: list[int], toks: list[list[int]]) -> None:
+            for r, em in zip(rows, toks):
+                for t in em:
+                    if state.done[r]:
+                        break
+                    state.out[r].append(t)
+                    if t in stop:
+                        state.done[r], state.reasons[r] = True, "stop"
+                    elif len(state.out[r]) >= max_new_tokens:
+                        state.done[r] = True
+
+        record(state.rows, [[c[-1]] for c in state.ctx])
+        self._leave(state)
+        _sync(dev)
+        t1 = time.perf_counter()
+        steps: list[StepStats] = []
+        while not all(state.done):
+            st, emitted = self.step(state)
+            steps.append(st)
+            record(state.rows, emitted)
+            if on_step is not None:
+                on_step(st, emitted)
+            self._leave(state)
+        _sync(dev)
+        t2 = time.perf_counter()
+        cfg = {"tree": str(self.spec), "rule": self.rule, **self.drafter.describe(),
+               "budget": self.budget.describe() if self.budget is not None else None}
+        return SpecResult(tokens=state.out, finish_reasons=state.reasons, prompt_lens=lens, prefill_s=t1 - t0,
+                          decode_s=t2 - t1, decode_steps=len(steps), cuda_graph=False, steps=steps, config=cfg)
+
+
+def speculative_generate(target: Transformer, drafter: Drafter, prompts, max_new_tokens: int,
+                         sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), *,
+                         tree: str | TreeSpec = "chain:4", budget: BudgetConfig | None = None,
+                         rule: str = "auto", cache: KVCache | None = None) -> SpecResult:
+    """Functional form of SpecEngine(target, drafter, tree, budget, rule).generate(...)."""
+    return SpecEngine(target, drafter, tree, budget, rule).generate(prompts, max_new_tokens, sampling, stop_ids,
+                                                                    cache=cache)
