@@ -28,3 +28,20 @@ def pytest_terminal_summary(terminalreporter):
 def devices():
     """Parametrization over the CPU and (marked gpu) CUDA implementations."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and one thread is immune to OpenMP spin-waiting when a
+    2-core CI machine is busy. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The embedded `tiny` target and its dense draft (CPU, float32), built once per session."""
+    from specmoe_ext.models import build_draft, build_preset
+    return build_preset("tiny"), build_draft("tiny")

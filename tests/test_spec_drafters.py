@@ -24,18 +24,7 @@ from specmoe_ext.spec.drafters import _NGramIndex, check_same_vocab
 from specmoe_ext.spec.tree import TreeSpec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: one thread is as fast, and immune to OpenMP spin-waiting on a busy 2-core CI machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return build_preset("tiny"), build_draft("tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,20 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: KVCache,
     return logits[:, 0]
 
 
+def check_prompts(prompts: Sequence[Sequence[int]] | Tensor, vocab_size: int,
+                  max_new_tokens: int) -> list[list[int]]:
+    """Prompts as lists of ids, after the checks every generation loop makes before any device work."""
+    plist = _to_lists(prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if any(len(p) == 0 for p in plist):
+        raise ValueError("generate: every prompt needs at least one token")
+    bad = [t for p in plist for t in p if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"generate: token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+    return plist
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), *,
@@ -187,16 +201,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]] | Tensor, max_
     have batch_size == len(prompts) and capacity >= max prompt length + max_new_tokens.
     cuda_graph: None = on when the model is on CUDA. on_token(step, tokens [bs]) is called per step.
     Every check (lengths, vocabulary, capacity, context limit) happens before any device work."""
-    plist = _to_lists(prompts)
+    plist = check_prompts(prompts, model.args.vocab_size, max_new_tokens)
     bs = len(plist)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if any(len(p) == 0 for p in plist):
-        raise ValueError("generate: every prompt needs at least one token")
-    V = model.args.vocab_size
-    bad = [t for p in plist for t in p if not 0 <= t < V]
-    if bad:
-        raise ValueError(f"generate: token ids outside the vocabulary [0, {V}): {bad[:5]}")
     lens = [len(p) for p in plist]
     need = max(lens) + max_new_tokens
     model.args.check_context(need)

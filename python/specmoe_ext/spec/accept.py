@@ -98,20 +98,25 @@ def _sample_rows(p: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, x, right=True)[:, 0].clamp(max=p.shape[-1] - 1)
 
 
+def _walk_start(tree: DraftTree):
+    """State of a root-to-leaf acceptance walk: (bs, rows [bs], max depth D, current node cur [bs],
+    alive [bs], bonus [bs], accepted path [bs, D+1] (root first, -1 after the end), accepted count n)."""
+    bs = tree.tokens.shape[0]
+    dev = tree.tokens.device
+    D = int(tree.depth.max())
+    path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
+    path[:, 0] = 0
+    zeros = torch.zeros(bs, dtype=torch.long, device=dev)
+    return (bs, torch.arange(bs, device=dev), D, zeros.clone(), torch.ones(bs, dtype=torch.bool, device=dev),
+            zeros.clone(), path, zeros.clone())
+
+
 def accept_target_sampling(tree: DraftTree, p: Tensor, u: Tensor) -> Acceptance:
     """Lossless acceptance for any tree: at the current node draw y ~ p (with u[., node, 0]); move to the
     first valid child carrying y, else emit y as the bonus token. The emitted tokens are distributed
     exactly as sampling the target autoregressively."""
-    bs, T = tree.tokens.shape
     dev = tree.tokens.device
-    rows = torch.arange(bs, device=dev)
-    D = int(tree.depth.max())
-    cur = torch.zeros(bs, dtype=torch.long, device=dev)
-    alive = torch.ones(bs, dtype=torch.bool, device=dev)
-    bonus = torch.zeros(bs, dtype=torch.long, device=dev)
-    path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
-    path[:, 0] = 0
-    n = torch.zeros(bs, dtype=torch.long, device=dev)
+    bs, rows, D, cur, alive, bonus, path, n = _walk_start(tree)
     for level in range(D + 1):
         y = _sample_rows(p[rows, cur], u[rows, cur, 0])
         match = (tree.parent == cur[:, None]) & (tree.tokens == y[:, None]) & tree.valid      # [bs, T]
@@ -131,18 +136,10 @@ def accept_q_aware(tree: DraftTree, p: Tensor, q: Tensor, u: Tensor) -> Acceptan
     rejection sampling). Children are tried in index order: child x is accepted when
     u[., x, 0] * q(x) < p(x) (probability min(1, p/q)); on rejection p <- normalize(max(p - q, 0)). When
     every child is rejected, the bonus is drawn from the final residual with u[., node, 1]."""
-    bs, T = tree.tokens.shape
     dev = tree.tokens.device
-    rows = torch.arange(bs, device=dev)
-    D = int(tree.depth.max())
+    bs, rows, D, cur, alive, bonus, path, n = _walk_start(tree)
     kids = tree.children()                                                      # [bs, T, C]
     C = kids.shape[2]
-    cur = torch.zeros(bs, dtype=torch.long, device=dev)
-    alive = torch.ones(bs, dtype=torch.bool, device=dev)
-    bonus = torch.zeros(bs, dtype=torch.long, device=dev)
-    path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
-    path[:, 0] = 0
-    n = torch.zeros(bs, dtype=torch.long, device=dev)
     for level in range(D + 1):
         pr = p[rows, cur].float()                                               # [bs, V] running residual
         qc = q[rows, cur].float()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..models.config import ModelArgs
-from ..models.generate import GenerationResult, SamplingParams, _to_lists
+from ..models.generate import GenerationResult, SamplingParams, check_prompts
 from ..models.kv_cache import CacheCapacityError, KVCache
 from ..models.model import ExpertStats, MoEControl, Transformer, causal_mask, tree_mask
 from ..routing_types import POLICIES
@@ -292,16 +292,8 @@ class SpecEngine:
                  on_step: Callable[[StepStats, list[list[int]]], None] | None = None) -> SpecResult:
         """Generate up to max_new_tokens per prompt. Every check (prompts, vocabulary, capacity, context
         limit) happens before any device work; `cache` (optional) must hold capacity_for(P, N) slots."""
-        plist = _to_lists(prompts)
+        plist = check_prompts(prompts, self.target.args.vocab_size, max_new_tokens)
         bs = len(plist)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if any(len(p) == 0 for p in plist):
-            raise ValueError("generate: every prompt needs at least one token")
-        V = self.target.args.vocab_size
-        bad = [t for p in plist for t in p if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"generate: token ids outside the vocabulary [0, {V}): {bad[:5]}")
         lens = [len(p) for p in plist]
         need = self.capacity_for(max(lens), max_new_tokens)
         self.target.args.check_context(need)
