@@ -7,7 +7,11 @@ Shape legend: bs prompts in one batch (one per --prompt), N generated tokens per
                      [--no-cuda-graph] [--json] [--no-progress]
                      [--draft model|model:DIR|self[:N]|ngram[:N]|eagle:DIR] [--tree SPEC] [--accept RULE]
                      [--budget B[,B...]] [--budget-policy substitute|truncate] [--budget-weights uniform|path]
-                     [--no-protect-root]
+                     [--no-protect-root] [--spec fixed|auto] [--spec-candidates 'k=0,1,2,4;budget=none,32']
+                     [--spec-test-steps N] [--profile profile.json] [--profile-alpha A]
+    specmoe plan     [--model DIR | --preset NAME] [--draft-model DIR] [--device DEV] [--dtype D] [--max-bs N]
+                     [--n-toks 1,4,8] [--budgets none,B,...] [--ctx N] [--repeats R] [--ridge-point RP]
+                     [--out profile.json] [--plot plan.png] [--json]
     specmoe demo     autoregressive vs speculative vs speculative + expert budget on the embedded `tiny` pair
     specmoe models   list the presets and the supported checkpoint architectures
 
@@ -16,6 +20,12 @@ flags make one batch. Random-weight presets have no tokenizer: their prompt is e
 model's tokenizer (its ids are valid in every preset's vocabulary) and only token ids are reported.
 --draft turns on speculative decoding (spec/engine.py); `--draft model` means the preset's bundled draft
 model (the `tiny` preset has one), `model:DIR` any checkpoint folder sharing the target's vocabulary.
+
+`--spec auto` (with --draft): a Cascade controller (spec/controller.py) picks every step's chain length K
+(0 = a plain autoregressive step through the same engine and cache; greedy output stays autoregressive) and
+expert budget from --spec-candidates, by measured step throughput; --json reports the settings over time and
+the per-candidate utilities. `specmoe plan` measures ~20 points of the MoESD performance model
+(spec/perf_model.py) on the real model, fits it, and saves the profile that `--profile` warm-starts from.
 
 Structure: each subcommand is an (add_arguments, run) pair in COMMANDS; later features add flags to a
 subparser through `build_parser()` (e.g. --draft/--tree/--budget on generate) or add subcommands.
@@ -80,6 +90,24 @@ def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget
                    help="token weights of the expert scores: uniform (default) or the draft path probability")
     g.add_argument("--no-protect-root", action="store_true",
                    help="let the budget cut the committed root token's own experts (protected by default)")
+    if draft_default is None:           # generate only
+        g.add_argument("--spec", default="fixed", choices=["fixed", "auto"],
+                       help="fixed: every step uses --tree/--budget (default); auto: a Cascade controller picks "
+                            "each step's chain length K (0 = plain autoregressive step) and expert budget from "
+                            "--spec-candidates by measured throughput (--budget-policy/--budget-weights apply)")
+        g.add_argument("--spec-candidates", metavar="SPEC", default=DEFAULT_CANDIDATES,
+                       help="--spec auto candidates: 'k=K1,K2,...[;budget=B1,...]' ('none' = no budget; k=0 "
+                            f"always included) (default: {DEFAULT_CANDIDATES})")
+        g.add_argument("--spec-test-steps", type=int, default=4, metavar="N",
+                       help="--spec auto: steps each candidate runs per test phase (default 4)")
+        g.add_argument("--profile", metavar="FILE",
+                       help="--spec auto: a `specmoe plan` profile JSON: candidates predicted below 0.9x "
+                            "autoregressive are pruned, the rest tested best-first")
+        g.add_argument("--profile-alpha", type=float, default=0.7, metavar="A",
+                       help="--profile: per-token acceptance rate assumed by the warm start (default 0.7)")
+
+
+DEFAULT_CANDIDATES = "k=0,1,2,4"
 
 
 DEFAULT_PROMPT = "Return a new"
@@ -128,8 +156,46 @@ def _spec_engine(a: argparse.Namespace, target, target_dir, draft_dir, dtype, cm
         raise SystemExit(f"specmoe {cmd}: {e}")
 
 
+def _spec_controller(a: argparse.Namespace, target, target_dir, draft_dir, dtype, bs: int):
+    """--spec auto: (engine over the longest candidate chain, CascadeController, budget style)."""
+    from .spec import BudgetConfig
+    from .spec.controller import CascadeController, parse_candidates
+    from .spec.perf_model import PerfProfile
+    if a.tree != "chain:4":
+        raise SystemExit("specmoe generate: --tree is chosen by --spec auto (chains of the --spec-candidates "
+                         "lengths): drop --tree")
+    if a.budget:
+        raise SystemExit("specmoe generate: with --spec auto give budgets as candidates, e.g. "
+                         "--spec-candidates 'k=0,2,4;budget=none,32', not --budget")
+    if a.spec_test_steps < 1:
+        raise SystemExit("specmoe generate: --spec-test-steps must be >= 1")
+    try:
+        cands = parse_candidates(a.spec_candidates)
+        for c in cands:
+            if c.budget is not None:
+                BudgetConfig(c.budget).validate(target.args)
+    except ValueError as e:
+        raise SystemExit(f"specmoe generate: {e}")
+    kmax = max(c.k for c in cands)
+    if kmax == 0:
+        raise SystemExit("specmoe generate: --spec-candidates needs some k >= 1")
+    a.tree = f"chain:{kmax}"
+    engine = _spec_engine(a, target, target_dir, draft_dir, dtype, "generate", None)
+    ctl = CascadeController(cands, test_steps=a.spec_test_steps)
+    if a.profile:
+        try:
+            prof = PerfProfile.from_json(a.profile)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"specmoe generate: --profile {a.profile}: {e}")
+        if not 0.0 <= a.profile_alpha <= 1.0:
+            raise SystemExit("specmoe generate: --profile-alpha must be in [0, 1]")
+        ctl.warm_start(prof, bs=bs, alpha=a.profile_alpha)
+    style = BudgetConfig(0, a.budget_policy, a.budget_weights, not a.no_protect_root)
+    return engine, ctl, style
+
+
 def _spec_json(res) -> dict:
-    return {**res.config, **res.summary()}
+    return {"spec": "auto" if "controller" in res.config else "fixed", **res.config, **res.summary()}
 
 
 def _run_generate(a: argparse.Namespace) -> int:
@@ -144,8 +210,11 @@ def _run_generate(a: argparse.Namespace) -> int:
         raise SystemExit("specmoe generate: --max-new-tokens must be >= 1")
     speculative = a.draft is not None
     if not speculative:
-        used = [f for f, v in (("--budget", a.budget), ("--no-protect-root", a.no_protect_root)) if v]
+        used = [f for f, v in (("--budget", a.budget), ("--no-protect-root", a.no_protect_root),
+                               ("--profile", a.profile)) if v]
         used += [f for f, v, d in (("--tree", a.tree, "chain:4"), ("--accept", a.accept, "auto"),
+                                    ("--spec", a.spec, "fixed"), ("--spec-candidates", a.spec_candidates,
+                                                                  DEFAULT_CANDIDATES),
                                     ("--budget-policy", a.budget_policy, "substitute"),
                                     ("--budget-weights", a.budget_weights, "uniform")) if v != d]
         if used:
@@ -154,9 +223,19 @@ def _run_generate(a: argparse.Namespace) -> int:
     dtype = resolve_dtype(a.dtype, device)
     prompts = a.prompt or [DEFAULT_PROMPT]
 
+    if a.spec == "fixed":
+        ignored = [f for f, v in (("--profile", a.profile), ("--spec-candidates", a.spec_candidates != DEFAULT_CANDIDATES),
+                                  ("--spec-test-steps", a.spec_test_steps != 4)) if v]
+        if ignored:
+            raise SystemExit(f"specmoe generate: {', '.join(ignored)} apply to --spec auto")
+
     t0 = time.perf_counter()
     name, model, tok, has_text, target_dir, draft_dir = _load_target(a, device, dtype, "generate")
-    engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "generate", a.budget) if speculative else None
+    ctl = style = None
+    if speculative and a.spec == "auto":
+        engine, ctl, style = _spec_controller(a, model, target_dir, draft_dir, dtype, len(prompts))
+    else:
+        engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "generate", a.budget) if speculative else None
     load_s = time.perf_counter() - t0
 
     ids = [tok.encode(p) for p in prompts]
@@ -171,7 +250,7 @@ def _run_generate(a: argparse.Namespace) -> int:
                    disable=None)
     if engine is not None:
         try:
-            res = engine.generate(ids, a.max_new_tokens, sampling, stop)
+            res = engine.generate(ids, a.max_new_tokens, sampling, stop, controller=ctl, budget_style=style)
         except ValueError as e:
             raise SystemExit(f"specmoe generate: {e}")
     else:
@@ -221,6 +300,10 @@ def _run_generate(a: argparse.Namespace) -> int:
     print(f"{res.n_generated} tokens in {res.prefill_s + res.decode_s:.2f} s: {res.tokens_per_s:.1f} tokens/s "
           f"(prefill {1e3 * res.prefill_s:.1f} ms, {how}, batch {len(ids)}, {model.args.architecture} on "
           f"{device} {dt}{', CUDA graph' if res.cuda_graph else ''})", file=sys.stderr)
+    if spec is not None and "controller" in spec:
+        runs = " ".join(f"k={k}{'' if b is None else f',B={b}'}x{n}" for k, b, n in spec["controller"]["settings_over_time"])
+        util = " ".join(f"{c}:{u:g}" for c, u in spec["controller"]["utilities"].items())
+        print(f"--spec auto settings over time (setting x steps): {runs}; last utilities: {util}", file=sys.stderr)
     if spec is not None and spec["experts_touched_per_layer"]:
         pairs = " ".join(f"{t:g}->{l:g}" for t, l in zip(spec["experts_touched_per_layer"],
                                                          spec["experts_loaded_per_layer"]))
@@ -320,6 +403,108 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, what: str, none_ok: bool = False) -> list:
+    try:
+        return [None if none_ok and v.strip().lower() == "none" else int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"specmoe plan: {what} {text!r}: expected a comma list of integers"
+                         + (" ('none' = no budget)" if none_ok else "")) from None
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint folder")
+    src.add_argument("--preset", metavar="NAME", help="named model (see `specmoe models`; default: tiny)")
+    p.add_argument("--draft-model", metavar="DIR",
+                   help="draft checkpoint for the draft points (default: the preset's bundled draft; none: skipped)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-bs", type=int, default=None, metavar="N",
+                   help="largest batch size, a power of two (default: 64 on CUDA, 16 on CPU)")
+    p.add_argument("--n-toks", default="1,4,8", metavar="N,N,...",
+                   help="tokens per request of the target forwards (default 1,4,8)")
+    p.add_argument("--budgets", default="none", metavar="B,B,...",
+                   help="expert budgets measured besides none (e.g. none,32; default none)")
+    p.add_argument("--ctx", type=int, default=16, help="committed tokens in the cache before each forward (16)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (default 20 CUDA, 5 CPU)")
+    p.add_argument("--ridge-point", type=float, default=None, metavar="RP",
+                   help="peak FLOP/s / peak bytes/s of the device (default 295 on CUDA = H100 bf16, 10 on CPU)")
+    p.add_argument("--out", metavar="FILE", default="profile.json", help="profile JSON (default profile.json)")
+    p.add_argument("--plot", metavar="PNG", help="predicted vs measured plot (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
+
+
+def _run_plan(a: argparse.Namespace) -> int:
+    """Measure ~20 points of the MoESD model on the real model, fit, print, save the profile."""
+    from .models.loader import CheckpointError, load_model, resolve_dtype
+    from .models.presets import get_preset
+    from .spec import plan as planlib
+
+    device = _resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    dev_type = "cuda" if device.startswith("cuda") else "cpu"
+    max_bs = a.max_bs if a.max_bs is not None else (64 if dev_type == "cuda" else 16)
+    if max_bs < 1 or max_bs & (max_bs - 1):
+        raise SystemExit(f"specmoe plan: --max-bs {max_bs} must be a power of two")
+    n_toks = _int_list(a.n_toks, "--n-toks")
+    budgets = _int_list(a.budgets, "--budgets", none_ok=True)
+    if any(n < 1 for n in n_toks) or a.ctx < 1:
+        raise SystemExit("specmoe plan: --n-toks and --ctx must be >= 1")
+    repeats = a.repeats if a.repeats is not None else (20 if dev_type == "cuda" else 5)
+    if repeats < 1:
+        raise SystemExit("specmoe plan: --repeats must be >= 1")
+    RP = a.ridge_point if a.ridge_point is not None else planlib.DEFAULT_RP[dev_type]
+    name, model, _, _, _, draft_dir = _load_target(a, device, dtype, "plan")
+    if not model.args.is_moe:
+        raise SystemExit(f"specmoe plan: the performance model is for MoE targets ({model.args.architecture} "
+                         f"has no experts)")
+    for B in budgets:
+        if B is not None and not model.args.top_k <= B <= model.args.n_experts:
+            raise SystemExit(f"specmoe plan: budget {B} outside [top_k {model.args.top_k}, E {model.args.n_experts}]")
+    draft = None
+    try:
+        if a.draft_model:
+            draft = load_model(a.draft_model, device, dtype)
+        elif draft_dir is not None:
+            draft = load_model(draft_dir, device, dtype)
+    except (CheckpointError, ValueError) as e:
+        raise SystemExit(f"specmoe plan: {e}")
+    t0 = time.perf_counter()
+    meta = {"model": name, "device": device, "dtype": str(dtype).replace("torch.", ""),
+            "gpu": __import__("torch").cuda.get_device_name(device) if dev_type == "cuda" else None}
+    try:
+        res = planlib.plan(model, draft, max_bs, n_toks, budgets, RP, a.ctx, repeats=repeats, seed=a.seed, meta=meta)
+    except ImportError as e:
+        raise SystemExit(f"specmoe plan: {e}")
+    secs = time.perf_counter() - t0
+    res.profile.to_json(a.out)
+    plotted = planlib.plot(res, a.plot) if a.plot else None
+    rows = res.rows()
+    if a.json:
+        print(json.dumps({"model": name, "device": device, "profile": a.out, "points": rows,
+                          "mape_train_pct": round(res.mape_train, 3),
+                          "mape_held_out_pct": None if res.mape_held_out is None else round(res.mape_held_out, 3),
+                          "skipped": res.skipped, "plot": a.plot if plotted else None, "seconds": round(secs, 2),
+                          "params": res.profile.params}, indent=2))
+        return 0
+    print(f"specmoe plan: {name} on {device} ({len(rows)} points, median of {repeats}, RP {RP:g})")
+    print(f"{'kind':7s} {'bs':>4s} {'n_tok':>5s} {'budget':>6s} {'measured ms':>12s} {'predicted ms':>13s} "
+          f"{'err %':>7s}  set")
+    for r in rows:
+        print(f"{r['kind']:7s} {r['bs']:4d} {r['n_tok']:5d} {str(r['budget'] or '-'):>6s} {r['measured_ms']:12.4f} "
+              f"{r['predicted_ms']:13.4f} {r['error_pct']:7.2f}  {'held-out' if r['held_out'] else 'fit'}")
+    ho = f"{res.mape_held_out:.2f}%" if res.mape_held_out is not None else "n/a"
+    print(f"MAPE: fit points {res.mape_train:.2f}%, held-out points {ho}")
+    for s_ in res.skipped:
+        print(f"skipped: {s_}")
+    print(f"profile (refitted on all points) -> {a.out}")
+    if a.plot:
+        print(f"plot -> {a.plot}" if plotted else "plot skipped: matplotlib is not installed (pip install matplotlib)")
+    return 0
+
+
 def _add_models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
@@ -350,6 +535,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
                  _add_generate_args, _run_generate),
     "demo": ("autoregressive vs speculative vs speculative + expert budget on the embedded tiny pair",
              _add_demo_args, _run_demo),
+    "plan": ("measure and fit the MoESD performance model (profile JSON for `generate --spec auto --profile`)",
+             _add_plan_args, _run_plan),
     "models": ("list presets and supported checkpoint architectures", _add_models_args, _run_models),
 }
 

@@ -66,6 +66,44 @@ def make_candidates(ks: Iterable[int] = (0, 1, 2, 4, 8), budgets: Iterable[int |
     return out
 
 
+CANDIDATES_SYNTAX = "k=K1,K2,...[;budget=B1,B2,...]   (e.g. 'k=0,1,2,4;budget=none,32'; 'none' = no budget)"
+
+
+def parse_candidates(text: str) -> list[Setting]:
+    """The `--spec-candidates` syntax: "k=0,1,2,4;budget=none,32" -> make_candidates(ks, budgets).
+
+    Sections separated by ';', each "name=v1,v2,..."; k (speculation lengths, 0 = off; required) and budget
+    (expert budgets B, 'none' = no budget; default none). k = 0 is always a candidate (the baseline), and
+    takes no budget. Raises ValueError with the expected syntax on anything else."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"--spec-candidates {text!r}: {why}; expected {CANDIDATES_SYNTAX}")
+    sec: dict[str, list[str]] = {}
+    for part in str(text).split(";"):
+        if not part.strip():
+            continue
+        name, eq, vals = part.partition("=")
+        name = name.strip().lower()
+        if not eq or name not in ("k", "budget"):
+            raise bad(f"unknown section {part.strip()!r}")
+        if name in sec:
+            raise bad(f"section {name!r} given twice")
+        sec[name] = [v.strip().lower() for v in vals.split(",")]
+    if "k" not in sec:
+        raise bad("no k section")
+    try:
+        ks = [int(v) for v in sec["k"]]
+        budgets = [None if v in ("none", "-") else int(v) for v in sec.get("budget", ["none"])]
+    except ValueError:
+        raise bad("values must be integers (budget: integers or 'none')") from None
+    if any(k < 0 for k in ks):
+        raise bad("k must be >= 0")
+    if any(b is not None and b < 1 for b in budgets):
+        raise bad("budgets must be >= 1")
+    if len(set(ks)) != len(ks) or len(set(budgets)) != len(budgets):
+        raise bad("duplicate values")
+    return make_candidates(ks, budgets)
+
+
 class _Acc:
     __slots__ = ("n", "time", "tokens")
 

@@ -15,6 +15,8 @@ capacity, P longest prompt, E experts, L_moe MoE layers, h hidden.
              5. kv_compact: the accepted path's K/V moves right after the prefix; commit prefix + n + 1
              6. append accepted tokens + bonus, apply stop tokens / max_new_tokens, feed the drafter,
                 and drop finished requests from the batch (KV rows, drafter state)
+Optionally (generate(controller=...), `specmoe generate --spec auto`) a Cascade controller picks each step's
+chain length (0 = a root-only step, i.e. plain autoregressive decoding in the same cache) and expert budget.
 Greedy output equals greedy autoregressive decoding token for token (lossless); at temperature > 0 the
 emitted tokens are distributed as autoregressive sampling (one Philox-free torch.Generator per request,
 seeded from `seed`, so runs are reproducible). The expert budget is lossy and off by default.
@@ -36,7 +38,7 @@ from ..routing_types import POLICIES
 from .accept import RULES, _sample_rows, accept, target_probs
 from .drafters import Drafter, SpecState, StepOutcome
 from .kv import kv_compact
-from .tree import TreeSpec
+from .tree import DraftTree, TreeSpec
 
 WEIGHTINGS = ("uniform", "path")
 
@@ -208,28 +210,36 @@ class SpecEngine:
         return state
 
     # ---- one speculative step --------------------------------------------------------------------
-    def _verify_control(self, tree) -> tuple[MoEControl, ExpertStats]:
+    def _verify_control(self, tree, budget: BudgetConfig | None) -> tuple[MoEControl, ExpertStats]:
         bs, T = tree.tokens.shape
         valid = tree.valid.reshape(-1)
         padded = not bool(valid.all())
         stats = ExpertStats(mask=valid if padded else None)
         kw: dict = dict(stats=stats, token_mask=valid if padded else None)
-        if self.budget is not None:
-            if self.budget.weights == "uniform":
+        if budget is not None:
+            if budget.weights == "uniform":
                 w = torch.ones(bs * T, dtype=torch.float32, device=valid.device)
             else:
                 w = torch.exp(tree.logp).reshape(-1).float()      # root: logp 0 -> weight 1
             protect = None
-            if self.budget.protect_root:
+            if budget.protect_root:
                 protect = (torch.arange(T, device=valid.device) == 0).repeat(bs)
-            kw.update(budget=self.budget.budget, policy=self.budget.policy, token_weights=(w * valid).contiguous(),
+            kw.update(budget=budget.budget, policy=budget.policy, token_weights=(w * valid).contiguous(),
                       protect=protect)
         return MoEControl(**kw), stats
 
     @torch.no_grad()
-    def step(self, state: SpecState) -> tuple[StepStats, list[list[int]]]:
+    def step(self, state: SpecState, spec: TreeSpec | None = None,
+             budget: BudgetConfig | None | str = "engine") -> tuple[StepStats, list[list[int]]]:
         """One draft / verify / accept / compact round for every active request -> (stats, tokens committed
-        per active request). Raises before any write if a tree cannot fit in the cache."""
+        per active request). Raises before any write if a tree cannot fit in the cache.
+
+        spec / budget override the engine's tree and expert budget for this step only (the Cascade
+        controller of `generate`); spec None = the engine's tree, "off" = no draft at all: the target runs
+        over the root alone, i.e. a plain autoregressive step through the same cache (0 accepted + bonus token,
+        drawn from the target by the 'target' rule at temperature > 0)."""
+        spec = self.spec if spec is None else spec
+        budget = self.budget if isinstance(budget, str) and budget == "engine" else budget
         cache, dev = state.cache, state.device
         need = self.slots_per_step()
         try:
@@ -241,8 +251,13 @@ class SpecEngine:
         sampling = state.sampling
         _sync(dev)
         t0 = time.perf_counter()
-        tree = self.drafter.draft(self.spec, sample=self._sample_drafts(sampling), sampling=sampling,
-                                  generators=state.generators)
+        off = isinstance(spec, str) and spec == "off"
+        if off:
+            roots = torch.tensor([[c[-1]] for c in state.ctx], dtype=torch.long, device=dev)
+            tree = DraftTree.from_parents(roots, torch.full_like(roots, -1))
+        else:
+            tree = self.drafter.draft(spec, sample=self._sample_drafts(sampling), sampling=sampling,
+                                      generators=state.generators)
         if tree.T > need:
             raise AssertionError(f"drafter produced {tree.T} nodes, more than the {need} checked for")
         _sync(dev)
@@ -250,13 +265,13 @@ class SpecEngine:
         L = torch.tensor(prefix, device=dev)
         slots = tree.slots(L)
         mask = tree_mask(L, slots, tree.ancestors(), cache.capacity)
-        moe, stats = self._verify_control(tree)
+        moe, stats = self._verify_control(tree, budget)
         hidden: list[Tensor] | None = [] if self.drafter.hidden_layers else None
         logits = self.target(tree.tokens, tree.positions(L), cache, slots, mask, moe,
                              hidden_layers=self.drafter.hidden_layers, hidden_out=hidden)
         _sync(dev)
         t2 = time.perf_counter()
-        acc = accept(tree, logits, sampling, self.rule, state.generators)
+        acc = accept(tree, logits, sampling, "target" if off else self.rule, state.generators)   # root only: sample p
         n = acc.n_accepted.tolist()
         kv_compact(cache, prefix, acc.path, n)
         emitted = acc.emitted(tree)
@@ -271,6 +286,24 @@ class SpecEngine:
         t3 = time.perf_counter()
         return StepStats(state.bs, tree.T, tree.n_valid().tolist(), n, touched, loaded, t1 - t0, t2 - t1,
                          t3 - t2), emitted
+
+    def _controller_settings(self, controller, budget_style: BudgetConfig | None = None) -> dict:
+        """Setting -> (spec, budget) step arguments for every candidate; raises ValueError before any work."""
+        if self.spec.kind != "chain":
+            raise ValueError(f"a speculation controller chooses chain lengths: the engine's tree must be a chain "
+                             f"(its longest), got {self.spec}")
+        kmax = len(self.spec.branching)
+        base = budget_style or self.budget or BudgetConfig(0)
+        out = {}
+        for s in controller.all_candidates:
+            if s.k > kmax:
+                raise ValueError(f"controller candidate k={s.k} exceeds the engine's chain length {kmax}")
+            bcfg = None
+            if s.budget is not None:
+                bcfg = BudgetConfig(s.budget, base.policy, base.weights, base.protect_root)
+                bcfg.validate(self.target.args)
+            out[s] = ("off", None) if s.k == 0 else (TreeSpec("chain", (1,) * s.k), bcfg)
+        return out
 
     def _leave(self, state: SpecState) -> None:
         """Drop finished requests from the batch (target cache rows, drafter state, generators)."""
@@ -289,9 +322,18 @@ class SpecEngine:
     def generate(self, prompts: Sequence[Sequence[int]] | Tensor, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), stop_ids: Sequence[int] = (), *,
                  cache: KVCache | None = None,
-                 on_step: Callable[[StepStats, list[list[int]]], None] | None = None) -> SpecResult:
+                 on_step: Callable[[StepStats, list[list[int]]], None] | None = None,
+                 controller=None, budget_style: BudgetConfig | None = None) -> SpecResult:
         """Generate up to max_new_tokens per prompt. Every check (prompts, vocabulary, capacity, context
-        limit) happens before any device work; `cache` (optional) must hold capacity_for(P, N) slots."""
+        limit) happens before any device work; `cache` (optional) must hold capacity_for(P, N) slots.
+
+        controller: an optional controller.CascadeController choosing each step's Setting(k, budget): k = 0
+        a plain autoregressive step, else a chain of k drafts (k <= the engine's chain length, which sizes
+        the cache), budget None = no expert budget, B = BudgetConfig(B) with budget_style's (else the
+        engine budget's, else the default) policy / weights / protect_root. Step time fed back =
+        draft_s + verify_s + accept_s (measured after the step's existing host syncs, none added), tokens =
+        emitted over the batch."""
+        step_args = self._controller_settings(controller, budget_style) if controller is not None else None
         plist = check_prompts(prompts, self.target.args.vocab_size, max_new_tokens)
         bs = len(plist)
         lens = [len(p) for p in plist]
@@ -327,8 +369,19 @@ class SpecEngine:
         _sync(dev)
         t1 = time.perf_counter()
         steps: list[StepStats] = []
+        chosen: list[list] = []                                # [k, budget, steps] run-length
         while not all(state.done):
-            st, emitted = self.step(state)
+            if controller is None:
+                st, emitted = self.step(state)
+            else:
+                setting = controller.next_setting()
+                st, emitted = self.step(state, *step_args[setting])
+                controller.observe(setting, max(st.draft_s + st.verify_s + st.accept_s, 1e-9),
+                                   sum(a + 1 for a in st.accepted))
+                if chosen and chosen[-1][:2] == [setting.k, setting.budget]:
+                    chosen[-1][2] += 1
+                else:
+                    chosen.append([setting.k, setting.budget, 1])
             steps.append(st)
             record(state.rows, emitted)
             if on_step is not None:
@@ -338,8 +391,26 @@ class SpecEngine:
         t2 = time.perf_counter()
         cfg = {"tree": str(self.spec), "rule": self.rule, **self.drafter.describe(),
                "budget": self.budget.describe() if self.budget is not None else None}
+        if controller is not None:
+            cfg["controller"] = controller_report(controller, chosen)
         return SpecResult(tokens=state.out, finish_reasons=state.reasons, prompt_lens=lens, prefill_s=t1 - t0,
                           decode_s=t2 - t1, decode_steps=len(steps), cuda_graph=False, steps=steps, config=cfg)
+
+
+def controller_report(controller, chosen: list[list]) -> dict:
+    """JSON-able view of a CascadeController after a run: candidates, the settings chosen over time
+    (run-length [k, budget, steps]) and every phase with its measured utilities."""
+    def name(s) -> str:
+        return f"k={s.k}" + (f",budget={s.budget}" if s.budget is not None else "")
+    return {
+        "candidates": [name(s) for s in controller.all_candidates],
+        "pruned": [name(s) for s in controller.pruned],
+        "predicted_utility": {name(s): round(u, 4) for s, u in controller.predicted_u.items()},
+        "settings_over_time": chosen,
+        "phases": [{"phase": ph, "setting": name(s), "steps": n, "utilities": {name(c): round(u, 4) for c, u in u_.items()}}
+                   for ph, s, n, u_ in controller.history],
+        "utilities": {name(s): round(u, 4) for s, u in controller.utilities().items()},
+    }
 
 
 def speculative_generate(target: Transformer, drafter: Drafter, prompts, max_new_tokens: int,

@@ -1,0 +1,205 @@
+"""`specmoe plan`: measure the MoESD performance model's points on a real model, fit, report, save.
+
+Shape legend: bs requests in a forward, n tokens per request in one target forward (1 = autoregressive step,
+G = a chain verify), ctx committed tokens already in the cache (fixed, `ctx`), V vocab, E experts.
+
+    specs   = perf_model.default_plan(max_bs, n_toks, budgets)      ~20 (kind, bs, n_tok, budget) tuples
+    measure = median over `repeats` timed runs (after `warmup` runs) of
+              target  one target forward of bs x n tokens past ctx committed ones (optional expert budget)
+              draft   one draft-model forward of bs x 1 token past ctx (skipped without a draft model)
+              reject  greedy acceptance + KV compaction of a chain:4 tree with random logits at batch bs
+    fit     = perf_model.fit on the points not held out (every `holdout_every`-th point is held out), MAPE
+              reported on both sets; the saved profile is refitted on every point.
+Times are host wall-clock (time.perf_counter) around a device synchronize: this is a measurement tool, not
+the decode loop. Needs scipy (fit).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from ..models.kv_cache import KVCache
+from ..models.model import MoEControl, Transformer, causal_mask
+from ..models.generate import SamplingParams
+from . import perf_model as pm
+from .accept import accept
+from .kv import kv_compact
+from .tree import DraftTree
+
+# ridge point (peak FLOP/s / peak bytes/s) used when --ridge-point is not given: H100 bf16 dense
+# (989 TFLOP/s / 3.35 TB/s) on CUDA, a rough 2-core-class CPU figure otherwise
+DEFAULT_RP = {"cuda": 295.0, "cpu": 10.0}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _median_time(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return max(ts[len(ts) // 2], 1e-9)
+
+
+class _Bench:
+    """One prefilled cache per (model, bs), reused across the points of that batch size."""
+
+    def __init__(self, ctx: int, max_n: int, seed: int = 0):
+        self.ctx, self.max_n = ctx, max_n
+        self.gen = torch.Generator().manual_seed(seed)
+        self.caches: dict[tuple[int, int], KVCache] = {}
+
+    def cache(self, model: Transformer, bs: int) -> KVCache:
+        key = (id(model), bs)
+        if key not in self.caches:
+            dev = model.tok_embeddings.weight.device
+            c = KVCache.for_model(model, bs, self.ctx + self.max_n + 1)
+            slots = c.reserve(self.ctx)
+            toks = torch.randint(0, model.args.vocab_size, (bs, self.ctx), generator=self.gen).to(dev)
+            with torch.no_grad():
+                model(toks, slots, c, slots, causal_mask(slots, c.capacity), logits_index=slots[:, -1:] * 0)
+            c.advance(self.ctx)
+            self.caches[key] = c
+        return self.caches[key]
+
+    def forward_fn(self, model: Transformer, bs: int, n: int, budget: int | None) -> Callable[[], None]:
+        c = self.cache(model, bs)
+        dev = c.device
+        c.set_lengths([self.ctx] * bs)
+        slots = c.reserve(n)
+        mask = causal_mask(slots, c.capacity)
+        toks = torch.randint(0, model.args.vocab_size, (bs, n), generator=self.gen).to(dev)
+        moe = MoEControl()
+        if budget is not None:
+            moe = MoEControl(budget=budget, token_weights=torch.ones(bs * n, dtype=torch.float32, device=dev))
+
+        @torch.no_grad()
+        def fn():
+            model(toks, slots, c, slots, mask, moe)      # writes past ctx only: the committed prefix is untouched
+        return fn
+
+    def reject_fn(self, model: Transformer, bs: int, G: int = 4) -> Callable[[], None]:
+        c = self.cache(model, bs)
+        dev = c.device
+        V = model.args.vocab_size
+        logits = torch.randn(bs, G + 1, V, generator=self.gen).to(dev)
+        toks = logits.argmax(-1)                         # drafts = the target's choices: the whole chain is accepted
+        toks = torch.cat([toks[:, :1], toks[:, :-1]], 1)
+        parent = torch.arange(-1, G, device=dev).expand(bs, G + 1).contiguous()
+        tree = DraftTree.from_parents(toks, parent)
+        prefix = [self.ctx] * bs
+        greedy = SamplingParams()
+
+        @torch.no_grad()
+        def fn():
+            c.set_lengths(prefix)
+            acc = accept(tree, logits, greedy)
+            kv_compact(c, prefix, acc.path, acc.n_accepted.tolist())
+            c.set_lengths(prefix)
+        return fn
+
+
+@dataclass
+class PlanResult:
+    points: list[pm.Point]
+    held_out: list[bool]
+    fit_train: pm.FitResult
+    profile: pm.PerfProfile                  # refitted on every point
+    mape_train: float
+    mape_held_out: float | None
+    skipped: list[str]
+
+    def rows(self) -> list[dict]:
+        pred = self.fit_train.profile.predict_points(self.points)
+        return [{"kind": p.kind, "bs": p.bs, "n_tok": p.n_tok, "budget": p.budget,
+                 "measured_ms": round(1e3 * p.time_s, 4), "predicted_ms": round(1e3 * float(q), 4),
+                 "error_pct": round(100.0 * (float(q) - p.time_s) / p.time_s, 2), "held_out": h}
+                for p, q, h in zip(self.points, pred, self.held_out)]
+
+
+def measure_points(target: Transformer, draft: Transformer | None, specs: Sequence[tuple], ctx: int = 16,
+                   warmup: int = 2, repeats: int = 5, seed: int = 0) -> tuple[list[pm.Point], list[str]]:
+    """Time every (kind, bs, n_tok, budget) spec -> (points, skipped descriptions)."""
+    dev = target.tok_embeddings.weight.device
+    bench = _Bench(ctx, max(max(n for _, _, n, _ in specs), 5), seed)
+    points, skipped = [], []
+    for kind, bs, n, budget in specs:
+        if kind == "target":
+            fn = bench.forward_fn(target, bs, n, budget)
+        elif kind == "draft":
+            if draft is None:
+                skipped.append(f"draft bs={bs} (no draft model)")
+                continue
+            fn = bench.forward_fn(draft, bs, 1, None)
+        elif kind == "reject":
+            fn = bench.reject_fn(target, bs)
+        else:
+            raise ValueError(f"plan point kind {kind!r} is not measured here")
+        points.append(pm.Point(kind, int(bs), _median_time(fn, dev, warmup, repeats), int(n), budget))
+    return points, skipped
+
+
+def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Sequence[int] = (1, 4, 8),
+         budgets: Sequence[int | None] = (None,), RP: float = 10.0, ctx: int = 16, warmup: int = 2,
+         repeats: int = 5, holdout_every: int = 4, seed: int = 0, meta: dict | None = None) -> PlanResult:
+    """Measure default_plan(max_bs, n_toks, budgets), fit on the points not held out, refit on all."""
+    specs = pm.default_plan(max_bs, n_toks, budgets)
+    points, skipped = measure_points(target, draft, specs, ctx, warmup, repeats, seed)
+    held = [holdout_every > 1 and i % holdout_every == holdout_every - 1 for i in range(len(points))]
+    train = [p for p, h in zip(points, held) if not h]
+    test = [p for p, h in zip(points, held) if h]
+    E, K = target.args.n_experts, target.args.top_k
+    if not E:
+        raise ValueError(f"`specmoe plan` models an MoE target ({target.args.architecture} has no experts)")
+    ft = pm.fit(train, E, K, RP)
+    mt = pm.mape(ft.profile.predict_points(test), [p.time_s for p in test]) if test else None
+    meta = dict(meta or {}, held_out_mape_pct=mt, train_mape_pct=ft.mape_pct, ctx=ctx, repeats=repeats,
+                points=[{"kind": p.kind, "bs": p.bs, "n_tok": p.n_tok, "budget": p.budget, "time_s": p.time_s}
+                        for p in points])
+    full = pm.fit(points, E, K, RP, meta=meta)
+    return PlanResult(points, held, ft, full.profile, ft.mape_pct, mt, skipped)
+
+
+def plot(res: PlanResult, path: str) -> bool:
+    """Predicted vs measured times (log-log, held-out points marked) -> PNG; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = res.rows()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for kind, mk in (("target", "o"), ("draft", "s"), ("reject", "^")):
+        for h, face in ((False, None), (True, "none")):
+            sel = [r for r in rows if r["kind"] == kind and r["held_out"] == h]
+            if sel:
+                ax.scatter([r["measured_ms"] for r in sel], [r["predicted_ms"] for r in sel], marker=mk,
+                           facecolors=face, edgecolors="C0" if not h else "C3",
+                           label=f"{kind}{' (held out)' if h else ''}")
+    lo = min(min(r["measured_ms"], r["predicted_ms"]) for r in rows)
+    hi = max(max(r["measured_ms"], r["predicted_ms"]) for r in rows)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured (ms)")
+    ax.set_ylabel("predicted (ms)")
+    ho = f"{res.mape_held_out:.1f}%" if res.mape_held_out is not None else "n/a"
+    ax.set_title(f"MoESD fit: MAPE train {res.mape_train:.1f}%, held-out {ho}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,67 @@
+"""`specmoe plan`: measure the MoESD model's points on the tiny preset (CPU), fit, print, save a profile that
+`generate --spec auto --profile` loads.
+
+Shape legend: bs requests per timed forward (1..--max-bs), n tokens per request (--n-toks).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specmoe_ext.cli import build_parser, main
+from specmoe_ext.spec.perf_model import PerfProfile
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = ["plan", "--device", "cpu", "--max-bs", "2", "--repeats", "1", "--n-toks", "1,4"]
+
+
+def test_plan_writes_a_loadable_profile(capsys, tmp_path):
+    out = tmp_path / "profile.json"
+    assert main([*SMALL, "--budgets", "none,4", "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    kinds = [r["kind"] for r in doc["points"]]
+    assert kinds.count("target") == 5 and kinds.count("draft") == 2 and kinds.count("reject") == 2
+    assert [r["budget"] for r in doc["points"] if r["budget"] is not None] == [4, 4]
+    assert any(r["held_out"] for r in doc["points"]) and doc["mape_held_out_pct"] is not None
+    assert all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in doc["points"])
+    prof = PerfProfile.from_json(str(out))
+    assert (prof.E, prof.K, prof.RP) == (8, 2, 10.0)
+    assert prof.meta["model"] == "tiny" and len(prof.meta["points"]) == 9
+    assert prof.t_ar(1) > 0 and prof.predict_speedup(1, 2, 0.8) > 0
+    # the profile warm-starts --spec auto
+    assert main(["generate", "--device", "cpu", "--no-progress", "--json", "--max-new-tokens", "8", "--draft",
+                 "model", "--spec", "auto", "--profile", str(out)]) == 0
+    c = json.loads(capsys.readouterr().out)["speculative"]["controller"]
+    assert set(c["predicted_utility"]) == {"k=0", "k=1", "k=2", "k=4"}
+
+
+def test_plan_table_and_plot(capsys, tmp_path):
+    png = tmp_path / "plan.png"
+    assert main([*SMALL, "--out", str(tmp_path / "p.json"), "--plot", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "measured ms" in text and "predicted ms" in text and "MAPE: fit points" in text and "held-out" in text
+    try:
+        import matplotlib  # noqa: F401
+        assert png.is_file() and f"plot -> {png}" in text
+    except ImportError:
+        assert not png.exists() and "matplotlib is not installed" in text
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--max-bs", "3"], "must be a power of two"),
+    (["--n-toks", "1,x"], "--n-toks '1,x': expected a comma list of integers"),
+    (["--budgets", "none,1"], r"budget 1 outside \[top_k 2, E 8\]"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--preset", "nosuch"], "nosuch"),
+])
+def test_plan_errors(argv, msg):
+    with pytest.raises(SystemExit, match=msg):
+        main(["plan", "--device", "cpu", *argv])
+
+
+def test_plan_help():
+    text = build_parser()[1]["plan"].format_help()
+    for flag in ("--model", "--preset", "--device", "--out", "--plot", "--max-bs", "--budgets", "--ridge-point"):
+        assert flag in text, flag
