@@ -111,6 +111,16 @@ def _walk_start(tree: DraftTree):
             zeros.clone(), path, zeros.clone())
 
 
+def _walk_advance(path: Tensor, n: Tensor, cur: Tensor, alive: Tensor, bonus: Tensor, has: Tensor,
+                  child: Tensor, y: Tensor, level: int, D: int) -> tuple[Tensor, Tensor, Tensor]:
+    """One level of the walk: requests with `has` move to `child` (path and count n updated in place);
+    live requests without it stop, emitting y as the bonus token. Returns (cur, alive, bonus)."""
+    if level < D:
+        path[:, level + 1] = torch.where(has, child, path[:, level + 1])
+    n += has.long()
+    return torch.where(has, child, cur), has, torch.where(alive & ~has, y, bonus)
+
+
 def accept_target_sampling(tree: DraftTree, p: Tensor, u: Tensor) -> Acceptance:
     """Lossless acceptance for any tree: at the current node draw y ~ p (with u[., node, 0]); move to the
     first valid child carrying y, else emit y as the bonus token. The emitted tokens are distributed
@@ -122,12 +132,7 @@ def accept_target_sampling(tree: DraftTree, p: Tensor, u: Tensor) -> Acceptance:
         match = (tree.parent == cur[:, None]) & (tree.tokens == y[:, None]) & tree.valid      # [bs, T]
         has = match.any(1) & alive
         child = match.long().argmax(1)                                          # first matching child
-        bonus = torch.where(alive & ~has, y, bonus)
-        if level < D:
-            path[:, level + 1] = torch.where(has, child, path[:, level + 1])
-        n += has.long()
-        cur = torch.where(has, child, cur)
-        alive = has
+        cur, alive, bonus = _walk_advance(path, n, cur, alive, bonus, has, child, y, level, D)
     return Acceptance(path, n, bonus)
 
 
@@ -162,12 +167,7 @@ def accept_q_aware(tree: DraftTree, p: Tensor, q: Tensor, u: Tensor) -> Acceptan
             pr = torch.where(rej[:, None], resid, pr)
         has = alive & (chosen >= 0)
         y = _sample_rows(pr, u[rows, cur, 1])
-        bonus = torch.where(alive & ~has, y, bonus)
-        if level < D:
-            path[:, level + 1] = torch.where(has, chosen, path[:, level + 1])
-        n += has.long()
-        cur = torch.where(has, chosen, cur)
-        alive = has
+        cur, alive, bonus = _walk_advance(path, n, cur, alive, bonus, has, chosen, y, level, D)
     return Acceptance(path, n, bonus)
 
 
