@@ -39,6 +39,12 @@ TORCH_LIBRARY(specmoe, m) {
          "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs)");
   def(m, "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor kept_experts, "
          "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs) -> Tensor");
+  def(m, "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor tree_mask, "
+         "float scale, int kv_len_hint=0) -> Tensor");
+  def(m, "tree_accept(Tensor logits, Tensor tokens, Tensor parent, Tensor valid, float temperature, "
+         "float top_p, int top_k, Tensor seed, Tensor(a!) offset) -> (Tensor path, Tensor n_accepted, "
+         "Tensor bonus)");
+  def(m, "kv_compact(Tensor(a!)[] cache, Tensor(b!) lengths, Tensor path, Tensor n_accepted) -> ()");
 }
 
 // `import specmoe_ext._C` loads this library (which registers the ops above); the module itself only

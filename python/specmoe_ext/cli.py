@@ -55,7 +55,7 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step eagerly on CUDA")
+    p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step and the speculative verify step eagerly on CUDA")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
@@ -151,7 +151,7 @@ def _spec_engine(a: argparse.Namespace, target, target_dir, draft_dir, dtype, cm
                                       protect_root=not a.no_protect_root)
             bcfg.validate(target.args)
         drafter = make_drafter(a.draft, target, default_draft_dir=draft_dir, target_dir=target_dir, dtype=dtype)
-        return SpecEngine(target, drafter, spec, bcfg, a.accept)
+        return SpecEngine(target, drafter, spec, bcfg, a.accept, cuda_graph=not getattr(a, "no_cuda_graph", False))
     except (CheckpointError, ValueError) as e:
         raise SystemExit(f"specmoe {cmd}: {e}")
 

@@ -78,6 +78,26 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
                           routing.expert_offsets, routing.sorted_pairs)
 
 
+def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_lens: Tensor, tree_mask: Tensor,
+                   scale: float | None = None, kv_len_hint: int = 0) -> Tensor:
+    """Attention of T query tokens per request over its cached prefix plus the tree's own entries.
+
+    q [bs, T, Hq, d] (bfloat16/float16; float32 on CPU; d in {64, 128} on CUDA), k_cache / v_cache
+    [bs, Hk, S, d] (a layer of the runtime's static cache; the tree's K/V already written at slots
+    prefix_lens[b] + i), prefix_lens [bs] int64, tree_mask [bs, T, ceil(T/32)] int32 ancestor bitmask
+    (bit j of row t: query t sees slot prefix + j) -> out [bs, T, Hq, d] contiguous, in q's dtype:
+        out[b, t, h] = softmax(scale * q . k) v over slots j < prefix_b and prefix_b + i with bit i set.
+    GQA: query head h reads KV head h // (Hq // Hk). scale defaults to d ** -0.5. Slots at or past
+    min(prefix_b + T, S) are never read. kv_len_hint (the longest prefix + T expected; 0 = S) only
+    steers how the CUDA kernel splits the sequence. T = 1 with tree_mask = 1 is plain decode. No host
+    synchronization on CUDA (graph capturable); deterministic.
+    """
+    _require_kernels_for(q)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return _ops.tree_attention(q, k_cache, v_cache, prefix_lens, tree_mask, float(scale), int(kv_len_hint))
+
+
 # ---- fake kernels: output metadata only, for torch.compile, meta tensors and graph capture --------
 
 @torch.library.register_fake("specmoe::route_topk")
@@ -103,4 +123,63 @@ def _fused_moe_fake(x, w13, w2, weights, kept_experts, expert_counts, expert_off
     return x.new_empty(x.shape)
 
 
-__all__ = ["route_topk", "route_budget", "fused_moe", "Routing", "SCORINGS", "POLICIES"]
+@torch.library.register_fake("specmoe::tree_attention")
+def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, tree_mask, scale, kv_len_hint=0):
+    return q.new_empty(q.shape)
+
+
+__all__ = ["route_topk", "route_budget", "fused_moe", "tree_attention", "Routing", "SCORINGS", "POLICIES"]
+
+
+# ---- verify step: tree acceptance and KV compaction (csrc/kernels/tree_accept.h, kv_compact.h) -------
+
+def tree_accept(logits: Tensor, tokens: Tensor, parent: Tensor, valid: Tensor, *, temperature: float = 0.0,
+                top_p: float = 1.0, top_k: int = 0, seed: Tensor, offset: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Accepted path + bonus token of a verified draft tree, on the device, no host synchronization.
+
+    logits [bs, T, V] (bf16/fp16/fp32, contiguous; target logits at every node), tokens / parent [bs, T]
+    int64 (parent[:, 0] = -1, parent[i] < i), valid [bs, T] bool, seed / offset [bs] int64 (Philox key and
+    counter per request; `offset` is advanced by 1 in place on every call, so CUDA-graph replays draw
+    fresh numbers) -> (path [bs, T] int64 root-first node indices, -1 padded; n_accepted [bs] int64 =
+    path length - 1; bonus [bs] int64).
+
+    temperature 0: greedy, identical to spec.accept.accept_greedy. temperature > 0: the target-sampling
+    rule (spec.accept.accept_target_sampling) with node i of request b drawing from its distribution
+    softmax(logits / temperature) restricted by top_k (0 = off) and top_p (1.0 = off) with the uniform
+    Philox4x32-10(key = seed[b], counter = (offset[b], i, 0)) word 0 >> 8 * 2^-24. Exact integer masses
+    (deterministic, CPU == CUDA bit for bit); top-k / top-p keep every token tied at the boundary
+    (HF keeps a prefix of a sorted order: the only difference). See `reference.tree_accept`.
+    """
+    _require_kernels_for(logits)
+    return _ops.tree_accept(logits, tokens, parent, valid, float(temperature), float(top_p), int(top_k),
+                            seed, offset)
+
+
+def kv_compact(cache: "list[Tensor]", lengths: Tensor, path: Tensor, n_accepted: Tensor) -> None:
+    """Moves each request's accepted path into place in every cache tensor and commits, in place.
+
+    cache: list of N <= 256 tensors [bs, Hk, S, d] (K of every layer then V of every layer; one shape,
+    dtype and device; contiguous), lengths [bs] int64 committed lengths before the step (becomes
+    lengths + n_accepted + 1), path [bs, P] / n_accepted [bs] int64 as returned by `tree_accept`.
+    Slot lengths[b] + path[b, j] moves to lengths[b] + j for j = 1..n (same as spec.kv.kv_compact).
+    CPU: malformed paths / capacity overflow raise before any write. CUDA (no host sync, graph
+    capturable): such moves are skipped instead, never written out of bounds.
+    """
+    if cache:
+        _require_kernels_for(cache[0])
+    _ops.kv_compact(list(cache), lengths, path, n_accepted)
+
+
+@torch.library.register_fake("specmoe::tree_accept")
+def _tree_accept_fake(logits, tokens, parent, valid, temperature, top_p, top_k, seed, offset):
+    bs, T = tokens.shape
+    return (tokens.new_empty((bs, T)), tokens.new_empty((bs,)), tokens.new_empty((bs,)))
+
+
+@torch.library.register_fake("specmoe::kv_compact")
+def _kv_compact_fake(cache, lengths, path, n_accepted):
+    return None
+
+
+__all__ += ["tree_accept", "kv_compact"]

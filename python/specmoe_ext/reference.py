@@ -131,3 +131,168 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
         out = (torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]) @ w2[e].float().t()
         y.index_add_(0, t, weights[t, k, None] * out)
     return y.cpu()
+
+
+def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_lens: Tensor, tree_mask: Tensor,
+                   scale: float | None = None) -> Tensor:
+    """ops.tree_attention in plain PyTorch, float32: a dense [bs, T, S] visibility mask from the prefix
+    lengths and the unpacked ancestor bits, then softmax attention per query head. -> [bs, T, Hq, d]
+    in q's dtype."""
+    bs, T, Hq, d = q.shape
+    Hk, S = k_cache.shape[1], k_cache.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    cols = torch.arange(S, device=q.device)
+    j = cols[None, None, :] - prefix_lens.to(q.device).long()[:, None, None]          # [bs, 1, S]
+    words = tree_mask.long() & 0xFFFFFFFF                                               # [bs, T, W]
+    jc = j.clamp(0, T - 1).expand(bs, T, S)
+    bit = (torch.gather(words, 2, jc // 32) >> (jc % 32)) & 1
+    visible = (j < 0) | ((j < T) & (bit == 1))                                          # [bs, T, S]
+    rep = Hq // Hk
+    qf = q.float().transpose(1, 2)                                                      # [bs, Hq, T, d]
+    kf = k_cache.float().repeat_interleave(rep, 1)
+    vf = v_cache.float().repeat_interleave(rep, 1)
+    s = (qf @ kf.transpose(2, 3)) * scale
+    s = s.masked_fill(~visible[:, None], float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vf).transpose(1, 2).to(q.dtype)
+
+
+# ---- verify step: tree acceptance (specmoe::tree_accept) and KV compaction (specmoe::kv_compact) -------
+# Contract: csrc/kernels/tree_accept.h. Shapes: bs requests, T tree nodes, V vocab.
+
+_MASK32 = 0xFFFFFFFF
+_LOG2E = 1.4426950408889634
+# 2^f on [0, 1): ln2^k / k! rounded to float32, highest degree first (the kernels' exp2_frac)
+_EXP2_COEFFS = [float.fromhex(h) for h in (
+    "0x1.62c022p-20", "0x1.ffcbfcp-17", "0x1.430912p-13", "0x1.5d87fep-10", "0x1.3b2ab6p-7",
+    "0x1.c6b08ep-5", "0x1.ebfbe0p-3", "0x1.62e430p-1", "0x1.0p0")]
+
+
+def philox4x32_10(counter: "tuple[int, int, int, int]", key: "tuple[int, int]") -> "list[int]":
+    """Philox4x32-10 (Salmon et al. 2011) on Python ints: 4 counter words + 2 key words -> 4 words."""
+    c = [x & _MASK32 for x in counter]
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+        p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+        c = [((p1 >> 32) ^ c[1] ^ k0) & _MASK32, p1 & _MASK32, ((p0 >> 32) ^ c[3] ^ k1) & _MASK32,
+             p0 & _MASK32]
+    return c
+
+
+def philox_bits24(seed: int, offset: int, node: int) -> int:
+    """The 24 random bits of node `node`'s uniform (u = bits * 2^-24): key = seed, counter =
+    (offset low, offset high, node, 0); seed / offset as 64-bit two's complement."""
+    s, o = seed & 0xFFFFFFFFFFFFFFFF, offset & 0xFFFFFFFFFFFFFFFF
+    return philox4x32_10((o, o >> 32, node, 0), (s, s >> 32))[0] >> 8
+
+
+def fixed_weights(x: Tensor, m: Tensor, scale: Tensor) -> Tensor:
+    """Integer weights ~ 2^32 * exp((x - m) / temperature), bit-identical to the kernels: x [V] float32
+    (NaN already -inf), m and scale 0-dim float32 (scale = float32(log2(e) / temperature))."""
+    z = (x - m) * scale
+    keep = z > -40.0
+    z = torch.where(keep, z, torch.zeros_like(z))
+    n = torch.floor(z)
+    f = z - n
+    c = [torch.tensor(v, dtype=torch.float32) for v in _EXP2_COEFFS]
+    p = torch.full_like(f, _EXP2_COEFFS[0])
+    for ck in c[1:]:
+        p = p * f + ck
+    pow2 = ((n.to(torch.int32) + (32 + 127)) << 23).view(torch.float32)
+    w = (p * pow2).to(torch.int64)
+    return torch.where(keep, w, torch.zeros_like(w))
+
+
+def node_draw(x: Tensor, temperature: float, top_p: float, top_k: int, bits24: int) -> int:
+    """One node's token: the argmax (temperature 0, or no positive mass) or the inverse-CDF draw over
+    the kept set (top-k, then top-p on the integer masses; ties at either boundary kept)."""
+    x = x.float().cpu()
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    V = x.shape[0]
+    amax = int(x.argmax())
+    if temperature == 0:
+        return amax
+    keep = torch.ones(V, dtype=torch.bool)
+    if 0 < top_k < V:
+        keep = x >= torch.topk(x, top_k).values[-1]
+    scale = torch.tensor(_LOG2E / temperature, dtype=torch.float32)
+    w = torch.where(keep, fixed_weights(x, x[amax], scale), torch.zeros((), dtype=torch.int64))
+    if top_p < 1.0:
+        wk = int(w.sum())
+        if wk > 0:
+            order = torch.sort(x, descending=True, stable=True).indices
+            xs, ws = x[order], w[order]
+            cum = torch.cumsum(ws, 0)
+            start = torch.searchsorted(-xs, -xs, right=False)          # first position of each value
+            above = torch.where(start > 0, cum[(start - 1).clamp_min(0)], torch.zeros_like(cum))
+            keep_sorted = above.double() < top_p * float(wk)
+            keep = keep & torch.zeros_like(keep).scatter(0, order, keep_sorted)
+            w = torch.where(keep, w, torch.zeros_like(w))
+    W = int(w.sum())
+    if W == 0:
+        return amax
+    t = (bits24 * W) >> 24
+    return int(torch.searchsorted(torch.cumsum(w, 0), torch.tensor([t]), right=True)[0])
+
+
+def tree_accept(logits: Tensor, tokens: Tensor, parent: Tensor, valid: Tensor, temperature: float,
+                top_p: float, top_k: int, seed: Tensor, offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(path [bs, T], n_accepted [bs], bonus [bs]) int64 of specmoe::tree_accept; `offset` is NOT advanced
+    here. Greedy: deepest accepted node, ties to the lowest index (spec.accept.accept_greedy); sampled:
+    move to the first valid child carrying the node's draw (spec.accept.accept_target_sampling)."""
+    bs, T, V = logits.shape
+    tok, par, val = tokens.cpu().tolist(), parent.cpu().tolist(), valid.cpu().tolist()
+    seeds, offs = seed.cpu().tolist(), offset.cpu().tolist()
+    path = torch.full((bs, T), -1, dtype=torch.long)
+    n_acc = torch.zeros(bs, dtype=torch.long)
+    bonus = torch.zeros(bs, dtype=torch.long)
+    lg = logits.cpu()
+    for b in range(bs):
+        y = [-1] * T
+        for i in range(T):
+            if i == 0 or val[b][i]:
+                y[i] = node_draw(lg[b, i], temperature, top_p, top_k, philox_bits24(seeds[b], offs[b], i))
+        pr = [p if (i > 0 and 0 <= p < i) else -1 for i, p in enumerate(par[b])]
+        ok = [i == 0 or (val[b][i] and pr[i] >= 0) for i in range(T)]
+        if temperature == 0:
+            depth, best = [0] * T, 0
+            for i in range(1, T):
+                ok[i] = ok[i] and ok[pr[i]] and tok[b][i] == y[pr[i]]
+                if ok[i]:
+                    depth[i] = depth[pr[i]] + 1
+                    if depth[i] > depth[best]:
+                        best = i
+            v = best
+            for j in range(depth[best], -1, -1):
+                path[b, j] = v
+                v = pr[v]
+            n_acc[b], bonus[b] = depth[best], y[best]
+        else:
+            cur, nodes = 0, [0]
+            while True:
+                kids = [i for i in range(cur + 1, T) if ok[i] and pr[i] == cur and tok[b][i] == y[cur]]
+                if not kids:
+                    break
+                cur = kids[0]
+                nodes.append(cur)
+            path[b, :len(nodes)] = torch.tensor(nodes)
+            n_acc[b], bonus[b] = len(nodes) - 1, y[cur]
+    dev = tokens.device
+    return path.to(dev), n_acc.to(dev), bonus.to(dev)
+
+
+def kv_compact(cache: "list[Tensor]", lengths: Tensor, path: Tensor, n_accepted: Tensor
+               ) -> tuple["list[Tensor]", Tensor]:
+    """Out-of-place specmoe::kv_compact: (new cache tensors, new lengths). Slot lengths[b] + path[b, j]
+    -> lengths[b] + j for j = 1..n_accepted[b] (all sources read first); lengths += n_accepted + 1."""
+    L, P, n = lengths.cpu().tolist(), path.cpu().tolist(), n_accepted.cpu().tolist()
+    out = [c.clone() for c in cache]
+    for c_new, c_old in zip(out, cache):
+        for b in range(len(L)):
+            if n[b] > 0:
+                src = torch.tensor([L[b] + P[b][j] for j in range(1, n[b] + 1)], device=c_old.device)
+                dst = torch.tensor([L[b] + j for j in range(1, n[b] + 1)], device=c_old.device)
+                c_new[b, :, dst] = c_old[b, :, src]
+    return out, lengths + n_accepted + 1

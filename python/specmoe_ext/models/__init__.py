@@ -12,7 +12,7 @@ from .config import ModelArgs, SUPPORTED_ARCHITECTURES, UnsupportedModelError
 from .generate import DecodeGraph, GenerationResult, SamplingParams, generate, prefill, sample
 from .kv_cache import CacheCapacityError, KVCache
 from .loader import CheckpointError, Tokenizer, hf_state_dict, load_args, load_model, load_tokenizer, save_checkpoint
-from .model import MoEControl, Transformer, attention, causal_mask, tree_mask
+from .model import MoEControl, PrefixTreeMask, Transformer, attention, causal_mask, tree_mask
 from .moe import moe_experts
 from .presets import PRESETS, build_draft, build_preset, get_preset
 

@@ -145,6 +145,13 @@ class KVCache:
         self._set([self._host_lengths[r] for r in rows])
         self.graphs = {}
 
+    def note_device_advance(self, lengths: Sequence[int]) -> None:
+        """Host bookkeeping after a kernel already advanced the device lengths (the graph-captured verify
+        step's kv_compact): only the host copy changes, nothing is copied to the device."""
+        new = _as_list(lengths, self.batch_size, "note_device_advance")
+        self._check(new, "advancing")
+        self._host_lengths = new
+
     def reset(self) -> None:
         """Forget every request's tokens (the buffers are reused, stale entries are never attended)."""
         self._set([0] * self.batch_size)

@@ -11,8 +11,10 @@ One entry point serves prefill, 1-token decode, and verification of T tree token
   positions  RoPE position ids (tree tokens: prefix_len + depth).
   slots      where each token's K/V is written in its request's cache row (tree tokens: prefix_len + i);
              get them from `cache.reserve(n)`, which checks capacity on the host before anything is written.
-  mask       bool, True = query may attend that cache slot (`causal_mask`, `tree_mask` build the usual ones);
-             every query must see at least its own slot. Without a cache, K/V are the T tokens themselves
+  mask       bool [bs, T, S], True = query may attend that cache slot (`causal_mask`, `tree_mask` build the
+             usual ones), or a `PrefixTreeMask` (prefix lengths + ancestor bitmask, what decode and tree
+             verification use): on the GPU that form runs the tree-attention kernel (ops.tree_attention),
+             elsewhere it is expanded to the dense mask. Every query must see at least its own slot. Without a cache, K/V are the T tokens themselves
              and mask is [bs, T, T] (default causal): the training / plain reference path.
   moe        optional `MoEControl`: per-layer expert budget + policy (MoE-Spec verification), routing record,
              expert remapping (self-assisted drafting), token mask (padding tree nodes), expert statistics.
@@ -76,7 +78,8 @@ class ExpertStats:
                 ok = ok & self.mask.to(ids.device)[:, None]
             out = torch.zeros(n_experts, dtype=torch.long, device=ids.device)
             return out.scatter_add_(0, ids.clamp_min(0).flatten(), ok.long().flatten())
-        self.layers.append((layer, count(natural_ids), count(routed_ids)))
+        natural = count(natural_ids)
+        self.layers.append((layer, natural, natural if routed_ids is natural_ids else count(routed_ids)))
 
     def natural(self) -> Tensor:
         """[L_moe, E] natural (token, slot) pairs per expert."""
@@ -149,6 +152,38 @@ class MoEControl:
 _PLAIN = MoEControl()
 
 
+@dataclass
+class PrefixTreeMask:
+    """Visibility of T new tokens written at slots prefix_lens[b] + i: every slot of the committed prefix,
+    plus the new slots whose bit is set in the query's ancestor bitmask row (a chain of ones = causal,
+    T = 1 = decode).
+
+    prefix_lens  [bs] int64 on the model's device (e.g. cache.lengths: graph replays follow it)
+    bits         [bs, T, ceil(T/32)] int32 (spec.tree.ancestor_bitmask)
+    kv_len_hint  longest prefix + T expected (0 = cache capacity); steers the kernel's split count only
+    """
+
+    prefix_lens: Tensor
+    bits: Tensor
+    kv_len_hint: int = 0
+
+    def dense(self, capacity: int) -> Tensor:
+        """-> bool [bs, T, capacity] (the form SDPA takes)."""
+        bs, T, _ = self.bits.shape
+        w = self.bits.long() & 0xFFFFFFFF
+        j = torch.arange(T, device=self.bits.device)
+        anc = ((torch.gather(w, 2, (j // 32)[None, None, :].expand(bs, T, T)) >> (j % 32)) & 1).bool()
+        slots = self.prefix_lens.to(self.bits.device).long()[:, None] + j[None, :]
+        return tree_mask(self.prefix_lens, slots, anc, capacity)
+
+
+def _use_tree_kernel(q: Tensor, head_dim: int) -> bool:
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or head_dim not in (64, 128):
+        return False
+    from .. import cuda_kernels_available
+    return cuda_kernels_available()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -195,6 +230,13 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(self.layer, k, v, slots)
             keys, values = cache.k[self.layer], cache.v[self.layer]        # [bs, Hk, S, d]
+            if isinstance(mask, PrefixTreeMask):
+                if _use_tree_kernel(q, self.head_dim):
+                    from ..ops import tree_attention
+                    out = tree_attention(q, keys, values, mask.prefix_lens, mask.bits, self.head_dim ** -0.5,
+                                         mask.kv_len_hint)                  # [bs, T, Hq, d]
+                    return self.wo(out.reshape(bs, T, self.q_size))
+                mask = mask.dense(cache.capacity)
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)            # [bs, Hk, T, d]
         out = attention(q.transpose(1, 2), keys, values, mask)              # [bs, Hq, T, d]
@@ -368,8 +410,8 @@ class Transformer(nn.Module):
         to slot cache.lengths -> logits [bs, V]. Reads only device state (CUDA-graph capturable); the
         caller checks capacity (cache.reserve(1)) and advances the lengths (cache.advance(1))."""
         pos = cache.lengths[:, None]
-        mask = torch.arange(cache.capacity, device=tokens.device)[None, None, :] <= pos[:, :, None]
-        return self.forward(tokens, pos, cache, pos, mask, moe)[:, -1]
+        ones = torch.ones(tokens.shape[0], 1, 1, dtype=torch.int32, device=tokens.device)
+        return self.forward(tokens, pos, cache, pos, PrefixTreeMask(cache.lengths, ones), moe)[:, -1]
 
     # ---- accounting -------------------------------------------------------------------------------
     def num_parameters(self) -> int:

@@ -590,3 +590,113 @@ def make_drafter(spec: str, target: Transformer, *, default_draft_dir: str | os.
         from .eagle import load_eagle3
         return Eagle3Drafter(load_eagle3(arg, target, dtype=dtype), target, arg)
     raise ValueError(f"--draft {spec!r}: unknown drafter {kind!r}; expected {DRAFT_FORMS}")
+
+
+# ---- 5. controlled acceptance (benchmarks) ------------------------------------------------------------
+
+class ControlledDrafter(ModelDrafter):
+    """A benchmark drafter with a CONTROLLED per-token acceptance rate alpha and a real draft model's cost.
+
+    references[r]: request r's prompt followed by the target's own greedy continuation (recorded by a
+    greedy autoregressive run over the same prompts, a few tokens longer than the generation). Every draft
+    forward of `draft` runs exactly as in ModelDrafter (own KV cache, catch-up, one forward per tree level),
+    so the drafting COST is that model's; its logits are discarded and replaced by controlled proposals:
+
+        a frontier node whose path from the root follows the reference ("on reference") proposes, as its
+        first (best) child, the reference's next token with probability alpha, else a uniformly random
+        token != it; further children (trees) are random tokens != the reference token (never accepted).
+        Nodes off the reference (or past its end) propose random tokens.
+
+    Under greedy verification the accepted length of a chain is then truncated-geometric with per-token
+    acceptance alpha (alpha = 1: every draft accepted while the reference lasts; alpha = 0: none), and the
+    output still equals autoregressive decoding (the target verifies). Randomness: one torch.Generator on
+    the device, seeded with `seed` at every `start` (the same run twice gives the same drafts). Labelled
+    "controlled acceptance" in `describe()`; benchmark use only (it needs the answer in advance)."""
+
+    name = "controlled"
+
+    def __init__(self, draft: Transformer, target: Transformer, references: Sequence[Sequence[int]],
+                 alpha: float, seed: int = 0, draft_dir=None):
+        super().__init__(draft, target, draft_dir)
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"controlled drafter: alpha must be in [0, 1], got {alpha}")
+        self.alpha, self.seed = float(alpha), int(seed)
+        self.V = target.args.vocab_size
+        self.set_references(references)
+
+    def set_references(self, references: Sequence[Sequence[int]]) -> None:
+        refs = [list(map(int, r)) for r in references]
+        if not refs or any(not r for r in refs):
+            raise ValueError("controlled drafter: one non-empty reference sequence per request is needed")
+        self.refs = refs
+
+    def start(self, state: SpecState, spec: TreeSpec, hidden=None) -> None:
+        if state.bs != len(self.refs):
+            raise ValueError(f"controlled drafter: {len(self.refs)} reference sequences for a batch of {state.bs}")
+        super().start(state, spec, hidden)
+        self.gen = torch.Generator(device=state.device)
+        self.gen.manual_seed(self.seed)
+        self.depth_window = spec.max_depth
+
+    def draft(self, spec: TreeSpec, *, sample: bool = False, sampling: SamplingParams | None = None,
+              generators: Sequence[torch.Generator] | None = None) -> DraftTree:
+        self.spec_now, self.level = spec, 0
+        self.depth_window = max(self.depth_window, spec.max_depth)
+        return super().draft(spec, sample=sample, sampling=sampling, generators=generators)
+
+    def _window(self) -> Tensor:
+        """[bs, D] the reference's next D tokens after each root (-1 where unknown: past the reference's end,
+        or the committed tokens no longer follow the reference)."""
+        D, st = self.depth_window, self.state
+        rows = []
+        for r, c in zip(st.rows, st.ctx):
+            ref, n = self.refs[r], len(c)
+            w = ref[n:n + D] if len(ref) >= n and ref[:n] == c else []
+            rows.append(w + [-1] * (D - len(w)))
+        return torch.tensor(rows, dtype=torch.long).to(self.state.device)
+
+    def _proposals(self, on_ref: Tensor, depth: Tensor) -> Tensor:
+        """on_ref, depth [bs, F] of the frontier nodes -> [bs, F, V] float32 logits whose top-k (k children at
+        this level) are the controlled proposals, best first; every other token -inf."""
+        self.level += 1
+        k = min(self.spec_now.children_at(self.level), self.V - 1)
+        bs, F = depth.shape
+        dev, g, D = depth.device, self.gen, self.win.shape[1]
+        t = torch.gather(self.win, 1, depth.clamp(max=D - 1))
+        t = torch.where(on_ref & (depth < D), t, torch.full_like(t, -1))       # reference's next token or -1
+        known = t >= 0
+        u = torch.rand((bs, F), generator=g, device=dev)
+        r = torch.randint(0, self.V - 1, (bs, F), generator=g, device=dev)
+        wrong = torch.where(known & (r >= t), r + 1, r)                          # uniform over tokens != t
+        best = torch.where(known & (u < self.alpha), t, wrong)
+        cand = best[..., None]
+        if k > 1:                   # other children: k-1 distinct random tokens, none the reference's nor `best`
+            o = torch.randint(0, self.V, (bs, F, 1), generator=g, device=dev)
+            pool = (o + torch.arange(k + 1, device=dev)) % self.V                # [bs, F, k+1]
+            bad = (pool == t[..., None]) | (pool == best[..., None])
+            pick = torch.sort(bad.to(torch.int8), dim=-1, stable=True).indices[..., :k - 1]
+            cand = torch.cat([cand, pool.gather(-1, pick)], -1)
+        logits = torch.full((bs, F, self.V), float("-inf"), dtype=torch.float32, device=dev)
+        score = -torch.arange(k, dtype=torch.float32, device=dev).expand(bs, F, k)
+        return logits.scatter_(2, cand, score.contiguous())
+
+    def root_logits(self) -> Tensor:
+        super().root_logits()                                  # the draft model's forward: cost only
+        self.win = self._window()
+        bs = self.win.shape[0]
+        dev = self.win.device
+        z = torch.zeros(bs, 1, dtype=torch.long, device=dev)
+        return self._proposals(torch.ones(bs, 1, dtype=torch.bool, device=dev), z)[:, 0]
+
+    def expand(self, nodes: Tensor, tree: GrowingTree) -> Tensor:
+        super().expand(nodes, tree)                            # the draft model's forward: cost only
+        D = self.win.shape[1]
+        ref_tok = torch.gather(self.win, 1, (tree.depth - 1).clamp(0, D - 1))   # [bs, n] reference at each node
+        match = (tree.tokens == ref_tok) & (tree.depth <= D)
+        match[:, 0] = True                                     # the root (committed)
+        on_ref = (~tree.anc | match[:, None, :]).all(-1)      # every node on the path follows the reference
+        return self._proposals(tree.gather(on_ref, nodes), tree.gather(tree.depth, nodes))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "drafter": "controlled", "acceptance": "controlled acceptance",
+                "alpha": self.alpha, "seed": self.seed}

@@ -33,12 +33,13 @@ from torch import Tensor
 from ..models.config import ModelArgs
 from ..models.generate import GenerationResult, SamplingParams, check_prompts
 from ..models.kv_cache import CacheCapacityError, KVCache
-from ..models.model import ExpertStats, MoEControl, Transformer, causal_mask, tree_mask
+from ..models.model import ExpertStats, MoEControl, PrefixTreeMask, Transformer, causal_mask
 from ..routing_types import POLICIES
-from .accept import RULES, _sample_rows, accept, target_probs
+from .accept import RULES, Acceptance, _sample_rows, accept, resolve_rule, target_probs
 from .drafters import Drafter, SpecState, StepOutcome
 from .kv import kv_compact
 from .tree import DraftTree, TreeSpec
+from .verify_graph import verify_step_for
 
 WEIGHTINGS = ("uniform", "path")
 
@@ -117,7 +118,8 @@ class SpecResult(GenerationResult):
         hist: dict[int, int] = {}
         for a in acc:
             hist[a] = hist.get(a, 0) + 1
-        L = len(self.steps[0].touched) if self.steps else 0
+        with_stats = [s for s in self.steps if s.touched]         # plain decode steps carry no expert stats
+        L = len(with_stats[0].touched) if with_stats else 0
 
         def mean(xs):
             xs = list(xs)
@@ -129,8 +131,8 @@ class SpecResult(GenerationResult):
             "tokens_per_step": mean(a + 1 for a in acc),          # tokens committed per request-step
             "acceptance_histogram": {str(k): hist[k] for k in sorted(hist)},
             "tree_nodes_mean": mean(s.tree_nodes for s in self.steps),
-            "experts_touched_per_layer": [mean(s.touched[l] for s in self.steps) for l in range(L)],
-            "experts_loaded_per_layer": [mean(s.loaded[l] for s in self.steps) for l in range(L)],
+            "experts_touched_per_layer": [mean(s.touched[l] for s in with_stats) for l in range(L)],
+            "experts_loaded_per_layer": [mean(s.loaded[l] for s in with_stats) for l in range(L)],
             "draft_ms_per_step": mean(1e3 * s.draft_s for s in self.steps),
             "verify_ms_per_step": mean(1e3 * s.verify_s for s in self.steps),
             "accept_ms_per_step": mean(1e3 * s.accept_s for s in self.steps),
@@ -147,10 +149,13 @@ class SpecEngine:
 
     budget: None (lossless verification) or a BudgetConfig (MoE-Spec). rule: "auto" | "target" | "q" (see
     accept.resolve_rule; at temperature > 0, chain / static trees are drafted by sampling unless rule is
-    "target"). Every argument is checked here, before any work."""
+    "target"). cuda_graph: on the GPU (CUDA kernels built), verification + acceptance + KV compaction of a
+    step run as one CUDA graph per (batch, tree size, budget, sampling) (spec/verify_graph.py) whenever the
+    acceptance rule is greedy or 'target'; False keeps the eager path. Every argument is checked here,
+    before any work."""
 
     def __init__(self, target: Transformer, drafter: Drafter, tree: str | TreeSpec = "chain:4",
-                 budget: BudgetConfig | None = None, rule: str = "auto"):
+                 budget: BudgetConfig | None = None, rule: str = "auto", cuda_graph: bool = True):
         self.target, self.drafter = target, drafter
         self.spec = TreeSpec.parse(tree)
         if budget is not None:
@@ -160,6 +165,7 @@ class SpecEngine:
         if rule == "q" and self.spec.kind == "dynamic":
             raise ValueError("acceptance rule 'q' needs sampled drafts: use a chain or static tree, or rule 'target'")
         self.budget, self.rule = budget, rule
+        self.cuda_graph = cuda_graph
 
     # ---- sizes -----------------------------------------------------------------------------------
     def slots_per_step(self) -> int:
@@ -204,6 +210,9 @@ class SpecEngine:
         ctx = [list(p) + [int(t)] for p, t in zip(prompts, first.tolist())]
         state = SpecState(self.target, cache, ctx, list(range(bs)), gens, sampling,
                           out=[[] for _ in range(bs)], done=[False] * bs, reasons=["length"] * bs)
+        if not sampling.greedy:   # Philox streams of the graph-captured acceptance, one per request
+            state.philox = (torch.tensor([(seed * 1_000_003 + b) % (1 << 63) for b in range(bs)], dtype=torch.long, device=dev),
+                            torch.zeros(bs, dtype=torch.long, device=dev))
         if stats.layers:
             self.drafter.observe(stats.natural())
         self.drafter.start(state, self.spec, hidden)
@@ -241,6 +250,8 @@ class SpecEngine:
         spec = self.spec if spec is None else spec
         budget = self.budget if isinstance(budget, str) and budget == "engine" else budget
         cache, dev = state.cache, state.device
+        if isinstance(spec, str) and spec == "off" and self._fast_off(state):
+            return self._ar_step(state)
         need = self.slots_per_step()
         try:
             cache.check_append(need)
@@ -262,30 +273,104 @@ class SpecEngine:
             raise AssertionError(f"drafter produced {tree.T} nodes, more than the {need} checked for")
         _sync(dev)
         t1 = time.perf_counter()
-        L = torch.tensor(prefix, device=dev)
-        slots = tree.slots(L)
-        mask = tree_mask(L, slots, tree.ancestors(), cache.capacity)
-        moe, stats = self._verify_control(tree, budget)
-        hidden: list[Tensor] | None = [] if self.drafter.hidden_layers else None
-        logits = self.target(tree.tokens, tree.positions(L), cache, slots, mask, moe,
-                             hidden_layers=self.drafter.hidden_layers, hidden_out=hidden)
-        _sync(dev)
-        t2 = time.perf_counter()
-        acc = accept(tree, logits, sampling, "target" if off else self.rule, state.generators)   # root only: sample p
-        n = acc.n_accepted.tolist()
-        kv_compact(cache, prefix, acc.path, n)
+        rule = "target" if off else self.rule                  # root only: sample p
+        setup = 0.0
+        if self._graph_verify(dev, tree, sampling, rule):
+            vs = verify_step_for(self.target, cache, state.bs, tree.T, budget, sampling, self.drafter.hidden_layers,
+                                 padded=not bool(tree.valid.all()))
+            seed, offset = getattr(state, "philox", None) or (None, None)
+            vo = vs.run(tree, seed, offset)
+            n = vo.n_host
+            cache.note_device_advance([p + k + 1 for p, k in zip(prefix, n)])
+            acc, hidden = vo.acceptance, vo.hidden
+            natural, routed = vo.natural, vo.routed
+            t2 = time.perf_counter()
+            setup = vo.setup_s                                  # graph capture: reported apart
+            state.setup_s = getattr(state, "setup_s", 0.0) + setup
+        else:
+            L = torch.tensor(prefix, device=dev)
+            slots = tree.slots(L)
+            mask = PrefixTreeMask(L, tree.anc, kv_len_hint=max(prefix) + tree.T)
+            moe, stats = self._verify_control(tree, budget)
+            hidden = [] if self.drafter.hidden_layers else None
+            logits = self.target(tree.tokens, tree.positions(L), cache, slots, mask, moe,
+                                 hidden_layers=self.drafter.hidden_layers, hidden_out=hidden)
+            _sync(dev)
+            t2 = time.perf_counter()
+            acc = accept(tree, logits, sampling, rule, state.generators)
+            n = acc.n_accepted.tolist()
+            kv_compact(cache, prefix, acc.path, n)
+            natural = stats.natural() if stats.layers else None
+            routed = stats.routed() if stats.layers else None
         emitted = acc.emitted(tree)
         for c, em in zip(state.ctx, emitted):
             c.extend(em)
-        touched = stats.touched().tolist() if stats.layers else []
-        loaded = stats.loaded().tolist() if stats.layers else []
-        if stats.layers:
-            self.drafter.observe(stats.natural())
+        touched = (natural > 0).sum(1).tolist() if natural is not None else []
+        loaded = (routed > 0).sum(1).tolist() if routed is not None else []
+        if natural is not None:
+            self.drafter.observe(natural)
         self.drafter.commit(StepOutcome(prefix, acc, emitted, torch.cat(hidden, -1) if hidden else None))
         _sync(dev)
         t3 = time.perf_counter()
-        return StepStats(state.bs, tree.T, tree.n_valid().tolist(), n, touched, loaded, t1 - t0, t2 - t1,
+        return StepStats(state.bs, tree.T, tree.n_valid().tolist(), n, touched, loaded, t1 - t0, t2 - t1 - setup,
                          t3 - t2), emitted
+
+    def _fast_off(self, state: SpecState) -> bool:
+        """A speculation-off step can run as the runtime's CUDA-graph decode step (what plain autoregressive
+        decoding runs): greedy, on the GPU with graphs on, and no drafter that needs target features."""
+        return (self.cuda_graph and state.device.type == "cuda" and state.sampling.greedy
+                and not self.drafter.hidden_layers)
+
+    def _ar_step(self, state: SpecState) -> tuple[StepStats, list[list[int]]]:
+        """One plain autoregressive step of every request through the decode graph of the runtime (captured on
+        first use per cache and batch; the capture is reported apart, like the verify graphs)."""
+        from ..models.generate import _graph_for
+        cache, dev, bs = state.cache, state.device, state.bs
+        try:
+            cache.check_append(1)
+        except CacheCapacityError as e:
+            raise CacheCapacityError(f"speculative step (speculation off): {e}") from None
+        prefix = cache.host_lengths()
+        t_s = time.perf_counter()
+        n_graphs = len(cache.graphs)
+        graph = _graph_for(self.target, cache, None)
+        if len(cache.graphs) != n_graphs:
+            _sync(dev)
+            state.setup_s = getattr(state, "setup_s", 0.0) + time.perf_counter() - t_s
+        _sync(dev)
+        t0 = time.perf_counter()
+        roots = torch.tensor([[c[-1]] for c in state.ctx], dtype=torch.long, device=dev)
+        tok = graph(roots).argmax(-1)                                        # [bs]
+        cache.advance(1)
+        emitted = [[t] for t in tok.tolist()]
+        for c, em in zip(state.ctx, emitted):
+            c.extend(em)
+        zeros = torch.zeros(bs, dtype=torch.long, device=dev)
+        acc = Acceptance(zeros[:, None].clone(), zeros, tok)
+        self.drafter.commit(StepOutcome(prefix, acc, emitted, None))
+        t1 = time.perf_counter()
+        return StepStats(bs, 1, [1] * bs, [0] * bs, [], [], 0.0, t1 - t0, 0.0), emitted
+
+    def _ride_along(self, state: SpecState, keep: list[int]) -> bool:
+        """With captured verify graphs, finished requests stay in the batch (their tokens are ignored) until
+        half the batch has finished or one of them has no room for another step: every change of batch size
+        costs an eager step and a new capture, which a few wasted rows cost less than."""
+        if not self.cuda_graph or state.device.type != "cuda":
+            return False
+        done = [i for i in range(state.bs) if i not in set(keep)]
+        if 2 * len(done) >= state.bs:
+            return False
+        lens, need, cap = state.cache.host_lengths(), self.slots_per_step(), state.cache.capacity
+        return all(lens[i] + need <= cap for i in done)
+
+    def _graph_verify(self, dev: torch.device, tree: DraftTree, sampling: SamplingParams, rule: str) -> bool:
+        """True when this step's verification runs as a captured graph (see spec/verify_graph.py)."""
+        if not self.cuda_graph or dev.type != "cuda":
+            return False
+        from .. import cuda_kernels_available
+        if not cuda_kernels_available():
+            return False
+        return resolve_rule(rule, tree, sampling.greedy) in ("greedy", "target")
 
     def _controller_settings(self, controller, budget_style: BudgetConfig | None = None) -> dict:
         """Setting -> (spec, budget) step arguments for every candidate; raises ValueError before any work."""
@@ -310,12 +395,17 @@ class SpecEngine:
         keep = [i for i, r in enumerate(state.rows) if not state.done[r]]
         if not keep or len(keep) == state.bs:
             return
+        if self._ride_along(state, keep):
+            return
         state.cache.keep_rows(keep)
         self.drafter.keep(keep)
         state.ctx = [state.ctx[i] for i in keep]
         state.rows = [state.rows[i] for i in keep]
         if state.generators is not None:
             state.generators = [state.generators[i] for i in keep]
+        if getattr(state, "philox", None) is not None:
+            idx = torch.tensor(keep, device=state.philox[0].device)
+            state.philox = (state.philox[0][idx], state.philox[1][idx])
 
     # ---- the whole generation --------------------------------------------------------------------
     @torch.no_grad()
@@ -340,7 +430,12 @@ class SpecEngine:
         need = self.capacity_for(max(lens), max_new_tokens)
         self.target.args.check_context(need)
         if cache is None:
-            cache = KVCache.for_model(self.target, bs, need)
+            cap = need
+            if self.cuda_graph and self.target.tok_embeddings.weight.is_cuda:
+                cap = need + 4 * self.slots_per_step()   # room for finished requests to ride along (_ride_along)
+                mc = self.target.args.max_context
+                cap = cap if mc is None else min(cap, max(mc, need))
+            cache = KVCache.for_model(self.target, bs, cap)
         elif cache.batch_size != bs or cache.capacity < need:
             raise CacheCapacityError(
                 f"speculative generate: cache has batch {cache.batch_size} / capacity {cache.capacity}, need batch "
@@ -393,8 +488,10 @@ class SpecEngine:
                "budget": self.budget.describe() if self.budget is not None else None}
         if controller is not None:
             cfg["controller"] = controller_report(controller, chosen)
+        setup = getattr(state, "setup_s", 0.0)   # verify-graph warm-up + capture, outside decode_s (as for AR)
         return SpecResult(tokens=state.out, finish_reasons=state.reasons, prompt_lens=lens, prefill_s=t1 - t0,
-                          decode_s=t2 - t1, decode_steps=len(steps), cuda_graph=False, steps=steps, config=cfg)
+                          decode_s=t2 - t1 - setup, decode_steps=len(steps), cuda_graph=setup > 0, steps=steps,
+                          config=cfg, extra={"capture_s": setup})
 
 
 def controller_report(controller, chosen: list[list]) -> dict:

@@ -1,0 +1,479 @@
+"""specmoe::tree_accept and specmoe::kv_compact: CPU op vs plain-PyTorch references (reference.py and the
+spec/ functions they replace), a chi-square test of the sampled rule, argument errors, and (marked gpu)
+CUDA == CPU bit for bit, CUDA-graph replay."""
+import random
+
+import pytest
+import torch
+
+from conftest import devices  # noqa: F401
+from specmoe_ext import ops, reference as R
+from specmoe_ext.models.generate import SamplingParams, process_logits
+from specmoe_ext.models.kv_cache import KVCache
+from specmoe_ext.spec.accept import accept_greedy, accept_target_sampling
+from specmoe_ext.spec.kv import kv_compact as spec_kv_compact
+from specmoe_ext.spec.tree import DraftTree
+
+SHAPES = ["chain", "star", "random", "padded"]
+
+
+def make_parent(kind: str, T: int, rng: random.Random) -> "tuple[list[int], list[bool]]":
+    if kind == "chain":
+        return [-1] + list(range(T - 1)), [True] * T
+    if kind == "star":
+        return [-1] + [0] * (T - 1), [True] * T
+    par = [-1] + [rng.randrange(i) for i in range(1, T)]
+    # unbalanced: bias towards the most recent nodes (deep branches) half the time
+    par = [-1] + [(i - 1 if rng.random() < 0.5 else p) for i, p in enumerate(par) if i > 0]
+    if kind == "random":
+        return par, [True] * T
+    n_real = rng.randint(1, T)          # padded: the tail are padding nodes hanging off the root
+    return par[:n_real] + [0] * (T - n_real), [True] * n_real + [False] * (T - n_real)
+
+
+def make_batch(bs, T, V, kind, seed, dtype=torch.float32, device="cpu", scale=3.0):
+    """Random logits + a random tree per request whose tokens often equal their parent's argmax (so that
+    greedy paths get accepted) and which contains duplicate siblings."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(bs, T, V, generator=g) * scale).to(dtype)
+    am = logits.float().argmax(-1)
+    tokens = torch.zeros(bs, T, dtype=torch.long)
+    parent = torch.zeros(bs, T, dtype=torch.long)
+    valid = torch.zeros(bs, T, dtype=torch.bool)
+    for b in range(bs):
+        par, val = make_parent(kind, T, rng)
+        parent[b] = torch.tensor(par)
+        valid[b] = torch.tensor(val)
+        for i in range(1, T):
+            if val[i]:
+                tokens[b, i] = int(am[b, par[i]]) if rng.random() < 0.7 else rng.randrange(V)
+    return (logits.to(device), tokens.to(device), parent.to(device), valid.to(device))
+
+
+def seeds_offsets(bs, device="cpu", base=0):
+    return (torch.tensor([(1234567 * (b + 1) + base) * 2654435761 % (1 << 62) - (b << 40) for b in range(bs)],
+                         dtype=torch.long, device=device),
+            torch.tensor([b * 7 + base for b in range(bs)], dtype=torch.long, device=device))
+
+
+def pad_path(path, T):
+    out = torch.full((path.shape[0], T), -1, dtype=torch.long)
+    out[:, :path.shape[1]] = path.cpu()
+    return out
+
+
+# ---- Philox -------------------------------------------------------------------------------------------
+
+def test_philox_known_answers():
+    # Random123 known-answer vectors for philox4x32_10
+    assert R.philox4x32_10((0, 0, 0, 0), (0, 0)) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert R.philox4x32_10((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6,
+                                                                      0x6D5451FD]
+    assert R.philox4x32_10((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == \
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+# ---- greedy -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", SHAPES)
+@pytest.mark.parametrize("bs,T,V", [(1, 1, 5), (3, 7, 5), (3, 7, 1000), (1, 37, 1000), (3, 37, 5)])
+def test_greedy_matches_accept_greedy(kind, bs, T, V):
+    for rep in range(3):
+        logits, tokens, parent, valid = make_batch(bs, T, V, kind, seed=rep * 100 + T + V)
+        seed, off = seeds_offsets(bs)
+        path, n, bonus = ops.tree_accept(logits, tokens, parent, valid, temperature=0.0, seed=seed, offset=off)
+        tree = DraftTree.from_parents(tokens, parent, valid)
+        ref = accept_greedy(tree, logits)
+        assert torch.equal(path, pad_path(ref.path, T))
+        assert torch.equal(n, ref.n_accepted)
+        assert torch.equal(bonus, ref.bonus)
+        r2 = R.tree_accept(logits, tokens, parent, valid, 0.0, 1.0, 0, seed, off)
+        assert all(torch.equal(a, b) for a, b in zip((path, n, bonus), r2))
+        assert torch.equal(off, seeds_offsets(bs)[1] + 1)
+
+
+def test_greedy_dtypes_and_ties():
+    # integer logits: many exact ties; the lowest index wins as in torch.argmax
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        logits, tokens, parent, valid = make_batch(3, 7, 50, "random", seed=5, dtype=dt)
+        logits = logits.float().round().clamp(-2, 2).to(dt)
+        seed, off = seeds_offsets(3)
+        got = ops.tree_accept(logits, tokens, parent, valid, temperature=0.0, seed=seed, offset=off)
+        ref = accept_greedy(DraftTree.from_parents(tokens, parent, valid), logits)
+        assert torch.equal(got[0], pad_path(ref.path, 7)) and torch.equal(got[2], ref.bonus)
+
+
+# ---- sampled ------------------------------------------------------------------------------------------
+
+SAMPLING = [(0.8, 0.9, 0), (1.0, 1.0, 0), (0.7, 0.5, 20), (1.3, 1.0, 5), (0.5, 0.95, 3), (2.0, 0.3, 1)]
+
+
+def draw_friendly_tokens(logits, tokens, parent, valid, seed, off, temperature, top_p, top_k, rng):
+    """Rewrites tokens so that children often carry their parent's draw (long accepted paths)."""
+    bs, T, _ = logits.shape
+    tokens = tokens.clone()
+    for b in range(bs):
+        for i in range(1, T):
+            p = int(parent[b, i])
+            if valid[b, i] and rng.random() < 0.7:
+                tokens[b, i] = R.node_draw(logits[b, p], temperature, top_p, top_k,
+                                           R.philox_bits24(int(seed[b]), int(off[b]), p))
+    return tokens
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", SAMPLING)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", SHAPES)
+def test_sampled_matches_reference(temperature, top_p, top_k, dtype, kind):
+    rng = random.Random(11)
+    for bs, T, V in [(1, 1, 5), (3, 7, 1000), (3, 37, 5)]:
+        logits, tokens, parent, valid = make_batch(bs, T, V, kind, seed=T * V, dtype=dtype)
+        seed, off = seeds_offsets(bs, base=T)
+        tokens = draw_friendly_tokens(logits, tokens, parent, valid, seed, off, temperature, top_p, top_k, rng)
+        ref = R.tree_accept(logits, tokens, parent, valid, temperature, top_p, top_k, seed, off)
+        off0 = off.clone()
+        got = ops.tree_accept(logits, tokens, parent, valid, temperature=temperature, top_p=top_p,
+                              top_k=top_k, seed=seed, offset=off)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+        assert torch.equal(off, off0 + 1)
+        # the walk is accept_target_sampling's: give it one-hot p at each node's draw
+        ys = torch.tensor([[R.node_draw(logits[b, i], temperature, top_p, top_k,
+                                        R.philox_bits24(int(seed[b]), int(off0[b]), i))
+                            for i in range(T)] for b in range(bs)])
+        p = torch.nn.functional.one_hot(ys, V).float()
+        acc = accept_target_sampling(DraftTree.from_parents(tokens, parent, valid), p, torch.rand(bs, T, 2))
+        assert torch.equal(got[0], pad_path(acc.path, T))
+        assert torch.equal(got[1], acc.n_accepted) and torch.equal(got[2], acc.bonus)
+
+
+def test_sampled_ties_at_the_boundaries():
+    """Heavily tied logits: top-k and top-p keep every token tied at the boundary (CPU op == reference)."""
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        logits = torch.randint(-3, 3, (4, 3, 64), generator=g).to(dt)
+        tokens = torch.zeros(4, 3, dtype=torch.long)
+        parent = torch.tensor([[-1, 0, 1]] * 4)
+        valid = torch.ones(4, 3, dtype=torch.bool)
+        for tp, tk in [(0.5, 0), (1.0, 3), (0.9, 10), (0.2, 2)]:
+            seed, off = seeds_offsets(4)
+            ref = R.tree_accept(logits, tokens, parent, valid, 1.0, tp, tk, seed, off)
+            got = ops.tree_accept(logits, tokens, parent, valid, temperature=1.0, top_p=tp, top_k=tk,
+                                  seed=seed, offset=off)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_offset_advances_and_seeds_reproduce():
+    logits, tokens, parent, valid = make_batch(2, 1, 1000, "chain", seed=1)
+    seed, off = seeds_offsets(2)
+    bon = []
+    for _ in range(20):
+        bon.append(ops.tree_accept(logits, tokens, parent, valid, temperature=1.0, seed=seed, offset=off)[2])
+    assert torch.equal(off, seeds_offsets(2)[1] + 20)
+    assert len({tuple(b.tolist()) for b in bon}) > 10            # fresh numbers each call
+    seed2, off2 = seeds_offsets(2)
+    again = [ops.tree_accept(logits, tokens, parent, valid, temperature=1.0, seed=seed2, offset=off2)[2]
+             for _ in range(20)]
+    assert all(torch.equal(a, b) for a, b in zip(bon, again))
+
+
+def _first_token_counts(logits_row, temperature, top_p, top_k, n_req=2500, calls=8):
+    """Histogram of the first emitted token over n_req * calls steps of a 3-node tree (root with two
+    children carrying tokens 0 and 1): lossless acceptance emits y_root either way."""
+    V = logits_row.shape[0]
+    logits = logits_row.expand(n_req, 3, V).contiguous()
+    tokens = torch.tensor([[0, 0, 1]] * n_req)
+    parent = torch.tensor([[-1, 0, 0]] * n_req)
+    valid = torch.ones(n_req, 3, dtype=torch.bool)
+    seed = torch.arange(n_req, dtype=torch.long) * 1000003 + 17
+    off = torch.zeros(n_req, dtype=torch.long)
+    counts = torch.zeros(V, dtype=torch.long)
+    for _ in range(calls):
+        path, n, bonus = ops.tree_accept(logits, tokens, parent, valid, temperature=temperature, top_p=top_p,
+                                         top_k=top_k, seed=seed, offset=off)
+        first = torch.where(n > 0, tokens.gather(1, path[:, 1:2].clamp_min(0))[:, 0], bonus)
+        counts += torch.bincount(first, minlength=V)
+    return counts
+
+
+def _chi2_p(counts, probs):
+    from scipy.stats import chisquare
+    support = probs > 0
+    assert int(counts[~support].sum()) == 0, "tokens outside the support were drawn"
+    ps = probs[support].double()
+    exp = ps / ps.sum() * float(counts.sum())
+    return float(chisquare(counts[support].double().numpy(), exp.numpy()).pvalue)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.9, 0), (1.5, 1.0, 5),
+                                                     (0.8, 0.8, 6)])
+def test_chi_square_first_token(temperature, top_p, top_k):
+    g = torch.Generator().manual_seed(7)
+    logits_row = torch.randn(12, generator=g) * 1.5
+    counts = _first_token_counts(logits_row, temperature, top_p, top_k)
+    sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    probs = torch.softmax(process_logits(logits_row[None], sp), -1)[0]
+    assert _chi2_p(counts, probs) > 1e-3
+    # a deliberately wrong rule (temperature ignored, no filtering) is rejected by the same test
+    wrong = torch.softmax(logits_row * 1.0, -1) if temperature != 1.0 or top_p < 1 or top_k else \
+        torch.softmax(logits_row * 0.8, -1)
+    with pytest.raises(AssertionError):
+        assert _chi2_p(counts, wrong) > 1e-3
+
+
+# ---- argument errors ------------------------------------------------------------------------------------
+
+def test_tree_accept_errors():
+    logits, tokens, parent, valid = make_batch(2, 3, 10, "chain", seed=0)
+    seed, off = seeds_offsets(2)
+    kw = dict(seed=seed, offset=off)
+    bad = [
+        (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+        (dict(temperature=1.0, top_p=0.0), "top_p"), (dict(temperature=1.0, top_p=1.5), "top_p"),
+        (dict(temperature=1.0, top_k=-1), "top_k"),
+    ]
+    for extra, word in bad:
+        with pytest.raises(RuntimeError, match=word):
+            ops.tree_accept(logits, tokens, parent, valid, **extra, **kw)
+    with pytest.raises(RuntimeError, match="logits"):
+        ops.tree_accept(logits[0], tokens, parent, valid, **kw)
+    with pytest.raises(RuntimeError, match="logits"):
+        ops.tree_accept(logits.to(torch.float64), tokens, parent, valid, **kw)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.tree_accept(logits.transpose(0, 1), tokens.t().contiguous(), parent.t().contiguous(),
+                        valid.t().contiguous(), **kw)
+    with pytest.raises(RuntimeError, match="tokens"):
+        ops.tree_accept(logits, tokens.int(), parent, valid, **kw)
+    with pytest.raises(RuntimeError, match="parent"):
+        ops.tree_accept(logits, tokens, parent[:, :2], valid, **kw)
+    with pytest.raises(RuntimeError, match="valid"):
+        ops.tree_accept(logits, tokens, parent, valid.long(), **kw)
+    with pytest.raises(RuntimeError, match="offset"):
+        ops.tree_accept(logits, tokens, parent, valid, seed=seed, offset=off[:1])
+    assert torch.equal(off, seeds_offsets(2)[1])           # nothing ran
+
+
+# ---- kv_compact -------------------------------------------------------------------------------------------
+
+def random_accept(bs, T, P, rng, kind="random"):
+    """Random trees and an accepted root path in each: (path [bs, P] -1 padded, n [bs])."""
+    path = torch.full((bs, P), -1, dtype=torch.long)
+    n = torch.zeros(bs, dtype=torch.long)
+    for b in range(bs):
+        par, val = make_parent(kind, T, rng)
+        node = rng.choice([i for i in range(T) if val[i]])
+        chain = []
+        while node > 0:
+            chain.append(node)
+            node = par[node]
+        chain = [0] + chain[::-1]
+        path[b, :len(chain)] = torch.tensor(chain)
+        n[b] = len(chain) - 1
+    return path, n
+
+
+def make_cache(L, bs, Hk, d, S, dtype, device="cpu", seed=0):
+    c = KVCache(L, bs, Hk, d, S, dtype, device)
+    g = torch.Generator().manual_seed(seed)
+    for t in c.k + c.v:
+        t.copy_(torch.randn(t.shape, generator=g).to(dtype))
+    return c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", SHAPES)
+def test_kv_compact_matches_spec(dtype, kind):
+    rng = random.Random(hash(kind) % 1000)
+    for bs, T, d in [(1, 1, 8), (3, 7, 16), (4, 37, 6)]:
+        S = 64
+        L, Hk = 3, 2
+        prefix = [rng.randrange(0, S - T) for _ in range(bs)]
+        path, n = random_accept(bs, T, T, rng, kind)
+        ours = make_cache(L, bs, Hk, d, S, dtype, seed=bs)
+        ref = make_cache(L, bs, Hk, d, S, dtype, seed=bs)
+        ref.set_lengths(prefix)
+        lengths = torch.tensor(prefix, dtype=torch.long)
+        r_cache, r_len = R.kv_compact(ours.k + ours.v, lengths, path, n)
+        ops.kv_compact(ours.k + ours.v, lengths, path, n)
+        spec_kv_compact(ref, prefix, path, n.tolist())
+        for a, b, c in zip(ours.k + ours.v, ref.k + ref.v, r_cache):
+            assert torch.equal(a, b) and torch.equal(a, c)
+        assert lengths.tolist() == ref.host_lengths() == r_len.tolist()
+
+
+def test_kv_compact_errors_leave_cache_untouched():
+    rng = random.Random(0)
+    bs, T, S = 2, 5, 16
+    c = make_cache(2, bs, 2, 8, S, torch.float32)
+    before = [t.clone() for t in c.k + c.v]
+    lengths = torch.tensor([3, 4])
+    path = torch.tensor([[0, 1, 3, -1, -1], [0, 2, 4, -1, -1]])
+    n = torch.tensor([2, 2])
+    cache = c.k + c.v
+    bad = [
+        ((cache[:1] + [cache[1][:, :1].contiguous()], lengths, path, n), "cache\\[1\\]"),
+        ((cache[:1] + [cache[1].half()], lengths, path, n), "cache\\[1\\]"),
+        ((cache[:1] + [cache[1].transpose(2, 3)], lengths, path, n), "cache\\[1\\]"),
+        ((cache, lengths.int(), path, n), "lengths"),
+        ((cache, lengths[:1], path, n), "lengths"),
+        ((cache, lengths, path.int(), n), "path"),
+        ((cache, lengths, path[0], n), "path"),
+        ((cache, lengths, path, n[:1]), "n_accepted"),
+        ((cache, lengths, path, torch.tensor([2, 5])), "n_accepted"),
+        ((cache, lengths, torch.tensor([[0, 1, 3, -1, -1], [0, 0, 4, -1, -1]]), n), "path"),
+        ((cache, lengths, torch.tensor([[1, 1, 3, -1, -1], [0, 2, 4, -1, -1]]), n), "path"),
+        ((cache, torch.tensor([3, 14]), path, n), "capacity"),
+        ((cache, torch.tensor([3, 9]), torch.tensor([[0, 1, 3, -1, -1], [0, 2, 9, -1, -1]]), n), "path"),
+        (([], lengths, path, n), "cache"),
+        ((cache * 129, lengths, path, n), "cache"),
+    ]
+    for args, word in bad:
+        l0 = args[1].clone()
+        with pytest.raises(RuntimeError, match=word):
+            ops.kv_compact(*args)
+        assert torch.equal(args[1], l0)
+        for t, b in zip(c.k + c.v, before):
+            assert torch.equal(t, b)
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------
+
+def _cpu_and_cuda(logits, tokens, parent, valid, temperature, top_p, top_k, seed, off):
+    oc = off.clone()
+    cpu = ops.tree_accept(logits, tokens, parent, valid, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=seed, offset=oc)
+    og = off.cuda()
+    gpu = ops.tree_accept(logits.cuda(), tokens.cuda(), parent.cuda(), valid.cuda(), temperature=temperature,
+                          top_p=top_p, top_k=top_k, seed=seed.cuda(), offset=og)
+    assert torch.equal(og.cpu(), oc)
+    return cpu, tuple(t.cpu() for t in gpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("V", [151936, 151937, 1000, 5])
+def test_cuda_greedy_equals_cpu(dtype, V):
+    for kind in SHAPES:
+        logits, tokens, parent, valid = make_batch(3, 7, V, kind, seed=V % 97, dtype=dtype)
+        seed, off = seeds_offsets(3)
+        cpu, gpu = _cpu_and_cuda(logits, tokens, parent, valid, 0.0, 1.0, 0, seed, off)
+        assert all(torch.equal(a, b) for a, b in zip(cpu, gpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("temperature,top_p,top_k", SAMPLING + [(0.6, 0.9, 50), (1.0, 0.999, 0)])
+@pytest.mark.parametrize("V", [151936, 151937, 1000])
+def test_cuda_sampled_equals_cpu(dtype, temperature, top_p, top_k, V):
+    rng = random.Random(V)
+    logits, tokens, parent, valid = make_batch(2, 5, V, "random", seed=V % 89, dtype=dtype, scale=4.0)
+    seed, off = seeds_offsets(2)
+    # children often carry their parent's draw (exercise accepted paths)
+    tokens = draw_friendly_tokens(logits, tokens, parent, valid, seed, off, temperature, top_p, top_k, rng)
+    cpu, gpu = _cpu_and_cuda(logits, tokens, parent, valid, temperature, top_p, top_k, seed, off)
+    assert all(torch.equal(a, b) for a, b in zip(cpu, gpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster", ["1", "2", "4", "8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_every_cluster_size_equals_cpu(cluster, dtype, monkeypatch):
+    """The kernel splits a node's vocabulary over 1-8 CTAs (automatic by batch size); force each."""
+    monkeypatch.setenv("SPECMOE_ACCEPT_CLUSTER", cluster)
+    rng = random.Random(int(cluster))
+    for temperature, top_p, top_k in [(0.0, 1.0, 0), (0.8, 0.9, 0), (0.7, 0.5, 20), (1.0, 1.0, 0), (1.2, 0.95, 40)]:
+        for V in (151936, 3001, 300):
+            logits, tokens, parent, valid = make_batch(2, 5, V, "random", seed=V, dtype=dtype, scale=3.0)
+            seed, off = seeds_offsets(2)
+            if temperature > 0:
+                tokens = draw_friendly_tokens(logits, tokens, parent, valid, seed, off, temperature, top_p, top_k,
+                                              rng)
+            cpu, gpu = _cpu_and_cuda(logits, tokens, parent, valid, temperature, top_p, top_k, seed, off)
+            assert all(torch.equal(a, b) for a, b in zip(cpu, gpu))
+
+
+@pytest.mark.gpu
+def test_cuda_sampled_ties_and_nonfinite():
+    g = torch.Generator().manual_seed(3)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        logits = torch.randint(-3, 3, (4, 3, 4096 + 13), generator=g).to(dt)
+        logits[0, 0, 5] = float("-inf")
+        logits[1, 0, :] = float("-inf")                 # no finite logit: the argmax (index 0)
+        logits[2, 1, 7] = float("nan")
+        tokens = torch.zeros(4, 3, dtype=torch.long)
+        parent = torch.tensor([[-1, 0, 1]] * 4)
+        valid = torch.ones(4, 3, dtype=torch.bool)
+        for temperature, tp, tk in [(1.0, 0.5, 0), (1.0, 1.0, 3), (0.9, 0.9, 10), (2.0, 0.2, 2), (0.0, 1.0, 0)]:
+            seed, off = seeds_offsets(4)
+            cpu, gpu = _cpu_and_cuda(logits, tokens, parent, valid, temperature, tp, tk, seed, off)
+            assert all(torch.equal(a, b) for a, b in zip(cpu, gpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_cuda_graph_replay(temperature):
+    bs, T, V = 4, 16, 151936
+    logits, tokens, parent, valid = make_batch(bs, T, V, "random", seed=2, dtype=torch.bfloat16)
+    seed, off = seeds_offsets(bs)
+    args = [t.cuda() for t in (logits, tokens, parent, valid)]
+    seed_d, off_d = seed.cuda(), off.cuda()
+    kw = dict(temperature=temperature, top_p=0.9, top_k=0)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.tree_accept(*args, **kw, seed=seed_d, offset=off_d)          # warm-up (advances offset)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.tree_accept(*args, **kw, seed=seed_d, offset=off_d)
+    torch.cuda.synchronize()
+    start = off_d.clone()                                    # capture does not run the kernels
+    for r in range(3):
+        g.replay()
+        torch.cuda.synchronize()
+        o = (start + r).cpu()
+        ref = ops.tree_accept(logits, tokens, parent, valid, **kw, seed=seed, offset=o)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(out, ref))
+        assert torch.equal(off_d.cpu(), start.cpu() + r + 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,d", [(torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 6),
+                                     (torch.bfloat16, 3)])
+def test_cuda_kv_compact_equals_cpu(dtype, d):
+    rng = random.Random(d)
+    bs, T, S, L, Hk = 5, 37, 96, 3, 4
+    cpu = make_cache(L, bs, Hk, d, S, dtype, seed=1)
+    gpu = [t.cuda() for t in cpu.k + cpu.v]
+    prefix = torch.tensor([rng.randrange(0, S - T) for _ in range(bs)])
+    path, n = random_accept(bs, T, T, rng)
+    lc = prefix.clone()
+    ops.kv_compact(cpu.k + cpu.v, lc, path, n)
+    lg = prefix.cuda()
+    ops.kv_compact(gpu, lg, path.cuda(), n.cuda())
+    torch.cuda.synchronize()
+    for a, b in zip(cpu.k + cpu.v, gpu):
+        assert torch.equal(a, b.cpu())
+    assert torch.equal(lg.cpu(), lc)
+
+
+@pytest.mark.gpu
+def test_cuda_kv_compact_graph_and_out_of_range():
+    bs, S = 2, 16
+    c = make_cache(2, bs, 2, 8, S, torch.bfloat16, device="cuda")
+    cache = c.k + c.v
+    before = [t.clone() for t in cache]
+    lengths = torch.tensor([3, 14], device="cuda")
+    # request 1 points outside the cache: skipped on the device, no fault; its length is capped at S
+    path = torch.tensor([[0, 1, 3, -1], [0, 2, 7, -1]], device="cuda")
+    n = torch.tensor([2, 2], device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.kv_compact(cache, lengths, path, n)
+    g.replay()
+    torch.cuda.synchronize()
+    assert lengths.tolist() == [6, 16]
+    for t, b in zip(cache, before):
+        assert torch.equal(t[0, :, 4], b[0, :, 4]) and torch.equal(t[0, :, 5], b[0, :, 6])
+        assert torch.equal(t[1], b[1])
