@@ -8,20 +8,10 @@
 #include <tuple>
 
 #include "accept_common.h"
+#include "cuda_device.h"
 
 namespace specmoe {
 namespace {
-
-int sm_count(int device) {
-  static int cache[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    cache[device] = n > 0 ? n : 132;
-  }
-  return cache[device];
-}
 
 // SPECMOE_ACCEPT_CLUSTER=1|2|4|8 forces the CTAs per tree node (tests, tuning); unset = automatic.
 int forced_cluster() {
@@ -64,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tree_accept_cuda(
   p.path = path.data_ptr<int64_t>();
   p.n_accepted = nacc.data_ptr<int64_t>();
   p.bonus = bonus.data_ptr<int64_t>();
-  p.num_sms = sm_count(logits.get_device());
+  p.num_sms = multiprocessor_count(logits.get_device());
   p.cluster = forced_cluster();
   const cudaError_t err = tree_accept::launch_tree_accept(p, c10::cuda::getCurrentCUDAStream());
   SPECMOE_CHECK(err == cudaSuccess, "tree_accept: kernel launch failed: ", cudaGetErrorString(err));

@@ -7,20 +7,10 @@
 #include <cstdlib>
 
 #include "attention_common.h"
+#include "cuda_device.h"
 
 namespace specmoe {
 namespace {
-
-int sm_count(int device) {
-  static int cache[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    cache[device] = n > 0 ? n : 132;
-  }
-  return cache[device];
-}
 
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& prefix_lens, const at::Tensor& tree_mask, double scale,
@@ -52,7 +42,8 @@ at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, c
   p.dtype = q.scalar_type() == at::kBFloat16 ? ta::DType::kBFloat16 : ta::DType::kFloat16;
   const int tiles = ta::row_tiles(p);
   const int hint = int(kv_len_hint > 0 && kv_len_hint < a.S ? kv_len_hint : a.S);
-  p.num_splits = ta::choose_splits(p.bs, p.Hk, tiles, p.T * (p.Hq / p.Hk), hint, sm_count(q.get_device()));
+  p.num_splits = ta::choose_splits(p.bs, p.Hk, tiles, p.T * (p.Hq / p.Hk), hint,
+                                   multiprocessor_count(q.get_device()));
   // Tuning knob for benchmarks: SPECMOE_TREE_ATTN_SPLITS=n forces the split count (1..64).
   static const int forced = [] {
     const char* e = std::getenv("SPECMOE_TREE_ATTN_SPLITS");

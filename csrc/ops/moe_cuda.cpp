@@ -6,20 +6,10 @@
 
 #include "check.h"
 #include "moe_common.h"
+#include "cuda_device.h"
 
 namespace specmoe {
 namespace {
-
-int multiprocessor_count(int device) {
-  static int cache[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (cache[device] == 0) {
-    int n = 0;
-    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
-    cache[device] = n > 0 ? n : 132;
-  }
-  return cache[device];
-}
 
 at::Tensor fused_moe_cuda(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& weights, const at::Tensor& kept, const at::Tensor& counts,
