@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .models.model import unpack_bits
 from .routing_types import Routing, SCORINGS, POLICIES
 
 
@@ -141,12 +142,10 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_lens: Ten
     bs, T, Hq, d = q.shape
     Hk, S = k_cache.shape[1], k_cache.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    cols = torch.arange(S, device=q.device)
-    j = cols[None, None, :] - prefix_lens.to(q.device).long()[:, None, None]          # [bs, 1, S]
-    words = tree_mask.long() & 0xFFFFFFFF                                               # [bs, T, W]
-    jc = j.clamp(0, T - 1).expand(bs, T, S)
-    bit = (torch.gather(words, 2, jc // 32) >> (jc % 32)) & 1
-    visible = (j < 0) | ((j < T) & (bit == 1))                                          # [bs, T, S]
+    j = torch.arange(S, device=q.device)[None, None, :] - prefix_lens.to(q.device).long()[:, None, None]
+    anc = unpack_bits(tree_mask, T)                                                     # [bs, T, T]
+    bit = torch.gather(anc, 2, j.clamp(0, T - 1).expand(bs, T, S))
+    visible = (j < 0) | ((j < T) & bit)                                                 # [bs, T, S]
     rep = Hq // Hk
     qf = q.float().transpose(1, 2)                                                      # [bs, Hq, T, d]
     kf = k_cache.float().repeat_interleave(rep, 1)

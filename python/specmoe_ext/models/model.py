@@ -169,16 +169,14 @@ class PrefixTreeMask:
 
     def dense(self, capacity: int) -> Tensor:
         """-> bool [bs, T, capacity] (the form SDPA takes)."""
-        bs, T, _ = self.bits.shape
-        w = self.bits.long() & 0xFFFFFFFF
-        j = torch.arange(T, device=self.bits.device)
-        anc = ((torch.gather(w, 2, (j // 32)[None, None, :].expand(bs, T, T)) >> (j % 32)) & 1).bool()
-        slots = self.prefix_lens.to(self.bits.device).long()[:, None] + j[None, :]
-        return tree_mask(self.prefix_lens, slots, anc, capacity)
+        T = self.bits.shape[1]
+        slots = self.prefix_lens.to(self.bits.device).long()[:, None] + torch.arange(T, device=self.bits.device)
+        return tree_mask(self.prefix_lens, slots, unpack_bits(self.bits, T), capacity)
 
 
-def _use_tree_kernel(q: Tensor, head_dim: int) -> bool:
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or head_dim not in (64, 128):
+def _use_tree_kernel(x: Tensor, head_dim: int) -> bool:
+    """The tree-attention kernel takes activations x: CUDA, bf16/fp16, d in {64, 128}, kernels built."""
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or head_dim not in (64, 128):
         return False
     from .. import cuda_kernels_available
     return cuda_kernels_available()
@@ -230,13 +228,11 @@ class Attention(nn.Module):
         if cache is not None:
             cache.write(self.layer, k, v, slots)
             keys, values = cache.k[self.layer], cache.v[self.layer]        # [bs, Hk, S, d]
-            if isinstance(mask, PrefixTreeMask):
-                if _use_tree_kernel(q, self.head_dim):
-                    from ..ops import tree_attention
-                    out = tree_attention(q, keys, values, mask.prefix_lens, mask.bits, self.head_dim ** -0.5,
-                                         mask.kv_len_hint)                  # [bs, T, Hq, d]
-                    return self.wo(out.reshape(bs, T, self.q_size))
-                mask = mask.dense(cache.capacity)
+            if isinstance(mask, PrefixTreeMask):   # Transformer.forward left it compact: the kernel runs
+                from ..ops import tree_attention
+                out = tree_attention(q, keys, values, mask.prefix_lens, mask.bits, self.head_dim ** -0.5,
+                                     mask.kv_len_hint)                      # [bs, T, Hq, d]
+                return self.wo(out.reshape(bs, T, self.q_size))
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)            # [bs, Hk, T, d]
         out = attention(q.transpose(1, 2), keys, values, mask)              # [bs, Hq, T, d]
@@ -391,6 +387,8 @@ class Transformer(nn.Module):
             mask = causal_mask(torch.arange(T, device=tokens.device).expand(bs, T), T)
         moe = moe or _PLAIN
         x = self.tok_embeddings(tokens)
+        if isinstance(mask, PrefixTreeMask) and not (cache is not None and _use_tree_kernel(x, self.args.head_dim)):
+            mask = mask.dense(cache.capacity if cache is not None else T)   # once, not per layer
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
         captured: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
@@ -416,6 +414,25 @@ class Transformer(nn.Module):
     # ---- accounting -------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def pack_bits(A: Tensor) -> Tensor:
+    """bool [..., T] -> int32 [..., ceil(T/32)] (bit j%32 of word j//32; bit 31 is the sign bit)."""
+    T = A.shape[-1]
+    W = (T + 31) // 32
+    pad = W * 32 - T
+    if pad:
+        A = torch.cat([A, A.new_zeros(A.shape[:-1] + (pad,))], dim=-1)
+    bits = A.reshape(A.shape[:-1] + (W, 32)).long() << torch.arange(32, device=A.device)
+    words = bits.sum(-1)                                       # [0, 2^32) in int64
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def unpack_bits(words: Tensor, T: int) -> Tensor:
+    """int32 [..., W] -> bool [..., T] (inverse of pack_bits)."""
+    w = words.long() & 0xFFFFFFFF
+    bits = (w[..., None] >> torch.arange(32, device=words.device)) & 1
+    return bits.reshape(words.shape[:-1] + (-1,))[..., :T].bool()
 
 
 def causal_mask(slots: Tensor, capacity: int) -> Tensor:

@@ -39,7 +39,7 @@ from .accept import RULES, Acceptance, _sample_rows, accept, resolve_rule, targe
 from .drafters import Drafter, SpecState, StepOutcome
 from .kv import kv_compact
 from .tree import DraftTree, TreeSpec
-from .verify_graph import verify_step_for
+from .verify_graph import verify_control, verify_step_for
 
 WEIGHTINGS = ("uniform", "path")
 
@@ -219,24 +219,6 @@ class SpecEngine:
         return state
 
     # ---- one speculative step --------------------------------------------------------------------
-    def _verify_control(self, tree, budget: BudgetConfig | None) -> tuple[MoEControl, ExpertStats]:
-        bs, T = tree.tokens.shape
-        valid = tree.valid.reshape(-1)
-        padded = not bool(valid.all())
-        stats = ExpertStats(mask=valid if padded else None)
-        kw: dict = dict(stats=stats, token_mask=valid if padded else None)
-        if budget is not None:
-            if budget.weights == "uniform":
-                w = torch.ones(bs * T, dtype=torch.float32, device=valid.device)
-            else:
-                w = torch.exp(tree.logp).reshape(-1).float()      # root: logp 0 -> weight 1
-            protect = None
-            if budget.protect_root:
-                protect = (torch.arange(T, device=valid.device) == 0).repeat(bs)
-            kw.update(budget=budget.budget, policy=budget.policy, token_weights=(w * valid).contiguous(),
-                      protect=protect)
-        return MoEControl(**kw), stats
-
     @torch.no_grad()
     def step(self, state: SpecState, spec: TreeSpec | None = None,
              budget: BudgetConfig | None | str = "engine") -> tuple[StepStats, list[list[int]]]:
@@ -275,9 +257,10 @@ class SpecEngine:
         t1 = time.perf_counter()
         rule = "target" if off else self.rule                  # root only: sample p
         setup = 0.0
+        padded = not bool(tree.valid.all())
         if self._graph_verify(dev, tree, sampling, rule):
             vs = verify_step_for(self.target, cache, state.bs, tree.T, budget, sampling, self.drafter.hidden_layers,
-                                 padded=not bool(tree.valid.all()))
+                                 padded)
             seed, offset = getattr(state, "philox", None) or (None, None)
             vo = vs.run(tree, seed, offset)
             n = vo.n_host
@@ -291,7 +274,7 @@ class SpecEngine:
             L = torch.tensor(prefix, device=dev)
             slots = tree.slots(L)
             mask = PrefixTreeMask(L, tree.anc, kv_len_hint=max(prefix) + tree.T)
-            moe, stats = self._verify_control(tree, budget)
+            moe, stats = verify_control(tree.valid, tree.logp, budget, padded)
             hidden = [] if self.drafter.hidden_layers else None
             logits = self.target(tree.tokens, tree.positions(L), cache, slots, mask, moe,
                                  hidden_layers=self.drafter.hidden_layers, hidden_out=hidden)
@@ -357,7 +340,8 @@ class SpecEngine:
         costs an eager step and a new capture, which a few wasted rows cost less than."""
         if not self.cuda_graph or state.device.type != "cuda":
             return False
-        done = [i for i in range(state.bs) if i not in set(keep)]
+        kept = set(keep)
+        done = [i for i in range(state.bs) if i not in kept]
         if 2 * len(done) >= state.bs:
             return False
         lens, need, cap = state.cache.host_lengths(), self.slots_per_step(), state.cache.capacity

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ..models.generate import SamplingParams, process_logits
+from ..models.model import pack_bits, unpack_bits  # noqa: F401  (re-exported: the tree's bitmask form)
 
 
 class TreeSpecError(ValueError):
@@ -164,25 +165,6 @@ def ancestors_from_parent(parent: Tensor) -> Tensor:
         p = parent[:, i].clamp_min(0)
         A[:, i] |= A[rows, p] & (parent[:, i] >= 0)[:, None]
     return A
-
-
-def pack_bits(A: Tensor) -> Tensor:
-    """bool [..., T] -> int32 [..., ceil(T/32)] (bit j%32 of word j//32; bit 31 is the sign bit)."""
-    T = A.shape[-1]
-    W = (T + 31) // 32
-    pad = W * 32 - T
-    if pad:
-        A = torch.cat([A, A.new_zeros(A.shape[:-1] + (pad,))], dim=-1)
-    bits = A.reshape(A.shape[:-1] + (W, 32)).long() << torch.arange(32, device=A.device)
-    words = bits.sum(-1)                                       # [0, 2^32) in int64
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-
-
-def unpack_bits(words: Tensor, T: int) -> Tensor:
-    """int32 [..., W] -> bool [..., T] (inverse of pack_bits)."""
-    w = words.long() & 0xFFFFFFFF
-    bits = (w[..., None] >> torch.arange(32, device=words.device)) & 1
-    return bits.reshape(words.shape[:-1] + (-1,))[..., :T].bool()
 
 
 @dataclass

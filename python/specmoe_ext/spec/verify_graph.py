@@ -44,6 +44,23 @@ class VerifyOutput:
     setup_s: float = 0.0            # warm-up + capture time spent in this call (first use of a key)
 
 
+def verify_control(valid: Tensor, logp: Tensor, budget, padded: bool) -> tuple[MoEControl, ExpertStats]:
+    """MoEControl + ExpertStats of a verify forward over tree nodes valid / logp [bs, T]. padded: some nodes
+    are padding, which then skip the experts and the statistics (regrouping the routing costs ~15 small
+    kernels per MoE layer, so unpadded trees skip it). budget: a BudgetConfig or None; its token weights
+    are 1 ("uniform") or the draft probability of reaching the node ("path"; root logp 0 -> 1), 0 on
+    padding; the root is protected when asked."""
+    bs, T = valid.shape
+    flat = valid.reshape(-1)
+    stats = ExpertStats(mask=flat if padded else None)
+    kw: dict = dict(stats=stats, token_mask=flat if padded else None)
+    if budget is not None:
+        w = flat.float() if budget.weights == "uniform" else torch.exp(logp.float()).reshape(-1) * flat
+        protect = (torch.arange(T, device=flat.device) == 0).repeat(bs) if budget.protect_root else None
+        kw.update(budget=budget.budget, policy=budget.policy, token_weights=w.contiguous(), protect=protect)
+    return MoEControl(**kw), stats
+
+
 class VerifyStep:
     """One captured verify step for a fixed key. See the module docstring."""
 
@@ -66,24 +83,6 @@ class VerifyStep:
         self.out = None
 
     # ---- the captured body -------------------------------------------------------------------------
-    def _control(self) -> tuple[MoEControl, ExpertStats]:
-        # token mask + masked statistics only for padded trees (regrouping the routing costs ~15 small
-        # kernels per MoE layer)
-        valid = self.valid.reshape(-1)
-        stats = ExpertStats(mask=valid if self.padded else None)
-        kw: dict = dict(stats=stats, token_mask=valid if self.padded else None)
-        b = self.budget
-        if b is not None:
-            if b.weights == "uniform":
-                w = valid.float()
-            else:
-                w = torch.exp(self.logp).reshape(-1) * valid
-            protect = None
-            if b.protect_root:
-                protect = (torch.arange(self.T, device=valid.device) == 0).repeat(self.bs)
-            kw.update(budget=b.budget, policy=b.policy, token_weights=w.contiguous(), protect=protect)
-        return MoEControl(**kw), stats
-
     def _body(self):
         from .. import ops
         cache, T = self.cache, self.T
@@ -91,7 +90,7 @@ class VerifyStep:
         ar = torch.arange(T, device=prefix.device)
         slots = prefix[:, None] + ar[None, :]
         positions = prefix[:, None] + self.depth
-        moe, stats = self._control()
+        moe, stats = verify_control(self.valid, self.logp, self.budget, self.padded)
         hidden: list[Tensor] | None = [] if self.hidden_layers else None
         mask = PrefixTreeMask(prefix, self.bits, kv_len_hint=cache.capacity)
         logits = self.target(self.tokens, positions, cache, slots, mask, moe,
