@@ -14,6 +14,7 @@ syncs): timed eagerly with CUDA events, median of 20. Floor = bytes read (+ writ
 copy bandwidth measured in this run (logits once; 2 x the moved rows for kv_compact).
 
     python bench/bench_accept.py --out bench/results [--quick]
+    python bench/bench_accept.py --plot-from bench/results/accept_<device>_<date>.json   (PNG only)
 """
 from __future__ import annotations
 
@@ -89,7 +90,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=common.RESULTS_DIR, help="folder for the JSON results")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
+    ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--plot-from", default=None, help="redraw the PNG of a results JSON and exit (no GPU)")
     args = ap.parse_args()
+    if args.plot_from:
+        import json
+        with open(args.plot_from) as fh:
+            res = json.load(fh)
+        plot(res["rows"], res["device"], args.plot_from.replace(".json", ".png"))
+        return
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     common.RESULTS_DIR = args.out
     bw = measure_copy_bandwidth()
@@ -188,6 +197,37 @@ def main() -> None:
     path = write_results("accept", rows, {"copy_bandwidth_Bps": bw, "vocab": V, "kv_cache": QWEN3,
                                           "kv_path": KV_PATH, "tree_paths": PATHS,
                                           "sampling": {k: vars(v) for k, v in MODES.items()}})
+    print(f"wrote {path}")
+    if not args.no_plot:
+        plot(rows, torch.cuda.get_device_name(), path.replace(".json", ".png"))
+
+
+def plot(rows, device, path):
+    """Acceptance + compaction per verify step against batch size: ours, its floor, the PyTorch functions
+    it replaces, and the issue's 10 us line; one panel per rule."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for i, T in enumerate(sorted({r["T"] for r in rows})):
+            sel = sorted((r for r in rows if r["mode"] == mode and r["T"] == T), key=lambda r: r["bs"])
+            bs = [r["bs"] for r in sel]
+            ax.plot(bs, [r["both_us"] for r in sel], "o-", color=f"C{i}", label=f"specmoe T={T}")
+            ax.plot(bs, [r["both_floor_us"] for r in sel], "--", color=f"C{i}", label=f"floor T={T}")
+            ax.plot(bs, [r["both_torch_us"] for r in sel], "s:", color=f"C{i}", alpha=0.6, label=f"PyTorch T={T}")
+        ax.axhline(10.0, color="k", lw=0.8, label="10 us target")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tree_accept + kv_compact per step (us)")
+        ax.set_title(f"{mode}, V = {rows[0]['V']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Verify-step acceptance + KV compaction, bf16 logits, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 

@@ -7,7 +7,10 @@ GEMM: sort by expert, gate/up GEMM, SiLU*mul, down GEMM, weighted combine), and 
 the experts actually loaded (>= 1 pair) / device-to-device copy bandwidth measured in this run.
 Targets (issue 5): ours <= 1.15 x floor + 4 us everywhere; >= 3x grouped_mm at T=1 on Qwen3-30B-A3B.
 
-    python bench/bench_moe.py [--quick] [--no-plot]
+Also times each of the kernel's two paths forced (SPECMOE_FUSED_MOE_PATH=stream|tiled: columns
+stream_us, tiled_us), the data behind its size rule resolve_path (csrc/kernels/fused_moe.h).
+
+    python bench/bench_moe.py [--quick] [--no-plot] [--no-paths] [--shapes qwen3-30b-a3b,...]
 """
 from __future__ import annotations
 
@@ -54,6 +57,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--routings", type=int, default=8, help="distinct routings cycled per graph")
+    ap.add_argument("--no-paths", action="store_true", help="skip timing the two forced paths")
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ",".join(SHAPES))
     args = ap.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     bw = measure_copy_bandwidth()
@@ -61,7 +66,8 @@ def main() -> None:
     Ts = [1, 8, 64] if args.quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     budgets = [None, 8, 16, 32, 64]
     rows = []
-    for name, (E, K, h, f) in SHAPES.items():
+    for name in args.shapes.split(","):
+        E, K, h, f = SHAPES[name]
         g = torch.Generator(device="cuda").manual_seed(0)
         w13 = (torch.randn(E, 2 * f, h, device="cuda", generator=g) / h ** 0.5).bfloat16()
         w2 = (torch.randn(E, h, f, device="cuda", generator=g) / f ** 0.5).bfloat16()
@@ -89,16 +95,25 @@ def main() -> None:
                 err = float((ours().float() - base().float()).norm() / base().float().norm())
                 t_ours = time_graph(ours, calls_per_graph=4 * len(routings), replays=10)["us_per_call"]
                 t_base = time_graph(base, calls_per_graph=4 * len(routings), replays=10)["us_per_call"]
+                t_path = {}
+                for path in ([] if args.no_paths else ["stream", "tiled"]):
+                    os.environ["SPECMOE_FUSED_MOE_PATH"] = path   # read when the graph is captured
+                    try:
+                        t_path[path] = time_graph(ours, calls_per_graph=4 * len(routings), replays=10)["us_per_call"]
+                    finally:
+                        del os.environ["SPECMOE_FUSED_MOE_PATH"]
                 floor = (loaded * expert_bytes + 2 * T * h * 2) / bw * 1e6
                 row = {"shape": name, "E": E, "K": K, "h": h, "f": f, "T": T, "budget": B,
                        "experts_loaded": loaded, "ours_us": t_ours, "grouped_mm_us": t_base,
                        "floor_us": floor, "ratio_to_floor": t_ours / floor,
                        "speedup_vs_grouped_mm": t_base / t_ours, "rel_diff_vs_grouped_mm": err,
-                       "target_met": t_ours <= 1.15 * floor + 4.0}
+                       "target_met": t_ours <= 1.15 * floor + 4.0,
+                       **{f"{k}_us": v for k, v in t_path.items()}}
                 rows.append(row)
                 print(f"{name:15s} T={T:4d} B={str(B):4s} loaded={loaded:6.1f} ours={t_ours:8.1f}us "
                       f"grouped_mm={t_base:8.1f}us floor={floor:7.1f}us ratio={t_ours / floor:5.2f} "
-                      f"x{t_base / t_ours:4.1f}", flush=True)
+                      f"x{t_base / t_ours:4.1f}"
+                      + "".join(f" {k}={v:8.1f}us" for k, v in t_path.items()), flush=True)
         del w13, w2
         torch.cuda.empty_cache()
     print_table([r for r in rows if r["budget"] is None],
@@ -106,7 +121,7 @@ def main() -> None:
                  ("ours_us", "ours us", ".1f"), ("grouped_mm_us", "grouped us", ".1f"),
                  ("floor_us", "floor us", ".1f"), ("ratio_to_floor", "/floor", ".2f"),
                  ("speedup_vs_grouped_mm", "speedup", ".2f")])
-    for name in SHAPES:
+    for name in args.shapes.split(","):
         sel = [r for r in rows if r["shape"] == name]
         worst = max(sel, key=lambda r: r["ratio_to_floor"])
         print(f"{name}: worst ratio to floor {worst['ratio_to_floor']:.2f} (T={worst['T']}, B={worst['budget']}); "
@@ -125,6 +140,9 @@ def plot(rows, path):
     fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for ax, name in zip(axes.flat, SHAPES):
         sel = [r for r in rows if r["shape"] == name]
+        if not sel:
+            ax.set_visible(False)
+            continue
         for B, style in [(None, "-"), (16, "--"), (32, ":")]:
             pts = sorted((r["T"], r) for r in sel if r["budget"] == B)
             if not pts:

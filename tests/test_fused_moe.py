@@ -2,7 +2,9 @@
 
 Shape legend: T tokens, h hidden, f expert FFN, E experts, K experts per token, B budget.
 """
+import contextlib
 import itertools
+import os
 
 import pytest
 import torch
@@ -21,6 +23,27 @@ def make_moe(T, h, f, E, dtype, device, seed):
     w2 = torch.randn(E, h, f, generator=g, device=device) / f ** 0.5
     logits = torch.randn(T, E, generator=g, device=device)
     return [t.to(dtype) for t in (x, w13, w2)] + [logits]
+
+
+PATHS = ["stream", "tiled"]  # the CUDA kernel's two paths (csrc/kernels/fused_moe.h), forced by env
+
+
+@contextlib.contextmanager
+def forced_path(path):
+    """Runs the CUDA op on one path ('auto' = the size-based choice); the CPU op ignores it."""
+    old = os.environ.get("SPECMOE_FUSED_MOE_PATH")
+    os.environ["SPECMOE_FUSED_MOE_PATH"] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SPECMOE_FUSED_MOE_PATH"]
+        else:
+            os.environ["SPECMOE_FUSED_MOE_PATH"] = old
+
+
+def paths(device):
+    return PATHS if device == "cuda" else ["auto"]
 
 
 def rel_err(y, ref):
@@ -47,16 +70,42 @@ def test_small_shapes(device, T, h, f, E, K):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("h,f", [(64, 64), (64, 1408), (2880, 768), (2880, 1408)])
 @pytest.mark.parametrize("E", [8, 60, 128])
-def test_cuda_grid(h, f, E):
+def test_cuda_grid(h, f, E, path):
     K = 2 if E == 8 else 8
     x_all, w13, w2, logits_all = make_moe(300, h, f, E, torch.bfloat16, "cuda", h + f + E)
-    for T, dtype in zip([1, 3, 17, 64, 300], itertools.cycle(DTYPES)):
-        x, logits = x_all[:T].to(dtype), logits_all[:T]
-        a13, a2 = w13.to(dtype), w2.to(dtype)
-        for B, policy in [(None, "substitute"), (max(K, E // 4), "substitute"), (max(K, E // 4), "truncate")]:
-            check(x, a13, a2, ops.route_budget(logits, K, B, policy=policy), dtype)
+    with forced_path(path):
+        for T, dtype in zip([1, 3, 17, 64, 300], itertools.cycle(DTYPES)):
+            x, logits = x_all[:T].to(dtype), logits_all[:T]
+            a13, a2 = w13.to(dtype), w2.to(dtype)
+            for B, policy in [(None, "substitute"), (max(K, E // 4), "substitute"),
+                              (max(K, E // 4), "truncate")]:
+                check(x, a13, a2, ops.route_budget(logits, K, B, policy=policy), dtype)
+
+
+@pytest.mark.gpu
+def test_paths_agree_and_auto_picks_by_size():
+    """Both paths compute the same function; 'auto' equals the path its size rule names (stream for
+    T * K <= 32 pairs with f < 1024: kStreamMaxPairs, kStreamMaxFfn)."""
+    h, E, K = 256, 16, 4
+    for T, f in [(2, 128), (8, 128), (9, 128), (2, 1024)]:
+        x, w13, w2, logits = make_moe(T, h, f, E, torch.bfloat16, "cuda", T)
+        r = ops.route_budget(logits, K, None)
+        ys = {}
+        for path in PATHS + ["auto"]:
+            with forced_path(path):
+                ys[path] = ops.fused_moe(x, w13, w2, r)
+        assert rel_err(ys["stream"], ys["tiled"].float().cpu()) < 1e-2
+        assert torch.equal(ys["auto"], ys["stream" if T * K <= 32 and f < 1024 else "tiled"])
+
+
+@pytest.mark.gpu
+def test_bad_path_env_raises():
+    x, w13, w2, logits = make_moe(4, 64, 64, 8, torch.bfloat16, "cuda", 0)
+    with forced_path("fastest"), pytest.raises(RuntimeError, match="SPECMOE_FUSED_MOE_PATH"):
+        ops.fused_moe(x, w13, w2, ops.route_budget(logits, 2, None))
 
 
 @pytest.mark.parametrize("device", devices())
@@ -67,7 +116,9 @@ def test_all_tokens_on_one_expert_and_idle_experts(device):
     logits[:, 11] = 40.0   # every token: experts 3 and 11; the other 14 get nothing
     r = ops.route_budget(logits, K, None)
     assert int(r.experts_loaded()) == 2
-    check(x, w13, w2, r, torch.bfloat16)
+    for path in paths(device):
+        with forced_path(path):
+            check(x, w13, w2, r, torch.bfloat16)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -80,19 +131,22 @@ def test_reads_only_kept_experts(device):
     dropped[r.kept_experts.cpu().long()] = False
     w13[dropped.to(device)] = float("nan")
     w2[dropped.to(device)] = float("nan")
-    y = ops.fused_moe(x, w13, w2, r)
-    assert torch.isfinite(y).all()
+    for path in paths(device):
+        with forced_path(path):
+            assert torch.isfinite(ops.fused_moe(x, w13, w2, r)).all()
 
 
 @pytest.mark.gpu
-def test_deterministic_every_element_written_and_matches_cpu():
+@pytest.mark.parametrize("path", PATHS)
+def test_deterministic_every_element_written_and_matches_cpu(path):
     T, h, f, E, K = 300, 256, 192, 60, 8
     x, w13, w2, logits = make_moe(T, h, f, E, torch.bfloat16, "cuda", 1)
     r = ops.route_budget(logits, K, 24, policy="truncate")
     junk = torch.full((64 << 20,), float("nan"), device="cuda")  # the next allocations reuse NaN memory
     del junk
-    a = ops.fused_moe(x, w13, w2, r)
-    b = ops.fused_moe(x, w13, w2, r)
+    with forced_path(path):
+        a = ops.fused_moe(x, w13, w2, r)
+        b = ops.fused_moe(x, w13, w2, r)
     assert torch.isfinite(a).all(), "some output element was never written"
     assert torch.equal(a, b), "run-to-run results differ"
     rc = ops.route_budget(logits.cpu(), K, 24, policy="truncate")
@@ -102,8 +156,9 @@ def test_deterministic_every_element_written_and_matches_cpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_capture():
-    T, h, f, E, K = 8, 128, 128, 32, 4
+@pytest.mark.parametrize("T", [8, 96])   # stream and tiled under the size rule (K 4, f 128)
+def test_cuda_graph_capture(T):
+    h, f, E, K = 128, 128, 32, 4
     x, w13, w2, logits = make_moe(T, h, f, E, torch.bfloat16, "cuda", 2)
     static_logits = logits.clone()
     run = lambda: ops.fused_moe(x, w13, w2, ops.route_budget(static_logits, K, 12))
@@ -113,7 +168,7 @@ def test_cuda_graph_capture():
     with torch.cuda.graph(graph):
         y = run()
     for seed in range(2):
-        static_logits.copy_(torch.randn(T, E, device="cuda"))
+        static_logits.copy_(torch.randn(T, E, device="cuda"))  # new experts, new counts: same graph
         graph.replay()
         torch.cuda.synchronize()
         ref = reference.fused_moe(x, w13, w2, ops.route_budget(static_logits, K, 12))
@@ -149,3 +204,47 @@ def test_bad_input_raises_clear_error(device, case):
     r = ops.route_budget(logits, 2, 4)
     with pytest.raises(RuntimeError, match=msg):
         ops.fused_moe(*make(x, w13, w2), r)
+
+
+def make_shared(T, h, fs, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    w13s = (torch.randn(2 * fs, h, generator=g, device=device) / h ** 0.5).to(dtype)
+    w2s = (torch.randn(h, fs, generator=g, device=device) / fs ** 0.5).to(dtype)
+    ws = torch.rand(T, generator=g, device=device)
+    return w13s, w2s, ws
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("T,h,f,fs,E,K", [(1, 64, 64, 128, 8, 2), (7, 128, 192, 64, 60, 4),
+                                          (99, 256, 64, 320, 16, 2)])
+def test_shared_expert(device, T, h, f, fs, E, K):
+    """Qwen2-MoE's shared expert: y += ws[t] * FFN_s(x[t]) for every token, budget or not."""
+    for dtype, B in itertools.product(DTYPES, [None, K]):
+        x, w13, w2, logits = make_moe(T, h, f, E, dtype, device, T + fs)
+        shared = make_shared(T, h, fs, dtype, device, T)
+        r = ops.route_budget(logits, K, B, policy="truncate")
+        y = ops.fused_moe(x, w13, w2, r, shared)
+        ref = reference.fused_moe(x, w13, w2, r, shared)
+        err = rel_err(y, ref)
+        assert err < TOL[dtype], f"relative error {err:.2e}"
+        assert rel_err(ops.fused_moe(x, w13, w2, r), ref) > 10 * TOL[dtype]  # the shared term matters
+
+
+SHARED_BAD = [
+    (lambda s: (s[0], s[1], None), "go together"),
+    (lambda s: (s[0][:, :32].contiguous(), s[1], s[2]), "shared_w13 must have shape"),
+    (lambda s: (s[0][:96].contiguous(), s[1][:, :48].contiguous(), s[2]), "multiple of 64"),
+    (lambda s: (s[0], s[1][:, :64].contiguous(), s[2]), "shared_w2 must have shape"),
+    (lambda s: (s[0].half(), s[1], s[2]), "shared-expert weights must have x's dtype"),
+    (lambda s: (s[0], s[1], s[2][:3]), "shared_weight must be"),
+    (lambda s: (s[0], s[1], s[2].double()), "shared_weight must be"),
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("case", range(len(SHARED_BAD)))
+def test_shared_expert_bad_input(device, case):
+    x, w13, w2, logits = make_moe(4, 64, 64, 8, torch.bfloat16, device, 0)
+    make, msg = SHARED_BAD[case]
+    with pytest.raises(RuntimeError, match=msg):
+        ops.fused_moe(x, w13, w2, ops.route_budget(logits, 2, None), make(make_shared(4, 64, 128, torch.bfloat16, device, 0)))

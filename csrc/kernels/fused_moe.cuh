@@ -11,9 +11,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
+#include "mma.cuh"
 #include "fused_moe.h"
 
 namespace specmoe {
@@ -30,29 +32,14 @@ constexpr int kDownPipe = 6;      // down: the same (its CTAs are one per SM: it
 constexpr int kNTiles = 2;        // token tiles of 8 per gate_up pass (16 pairs; more = more passes)
 constexpr int kMaxUnits = kTokenTile * 16 / 8 + kMaxExperts;  // (expert, 8 pairs) units per down CTA
 
-template <typename T> struct Mma;
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
+using device::Mma;
 
 // One 32-wide k chunk: weight rows g (wa) and g + 8 (wb) times token g (xb); two MMA k-steps.
 template <typename T>
 __device__ __forceinline__ void mma_chunk(float (&c)[4], const uint4& wa, const uint4& wb, const uint4& xb) {
-  Mma<T>::run(c, wa.x, wb.x, wa.y, wb.y, xb.x, xb.y);
-  Mma<T>::run(c, wa.z, wb.z, wa.w, wb.w, xb.z, xb.w);
+  const uint32_t a0[4] = {wa.x, wb.x, wa.y, wb.y}, a1[4] = {wa.z, wb.z, wa.w, wb.w};
+  Mma<T>::run(c, a0, xb.x, xb.y);
+  Mma<T>::run(c, a1, xb.z, xb.w);
 }
 
 // Weights are read once per launch: stream them past L1.
@@ -316,9 +303,272 @@ __global__ void __launch_bounds__(kDownWarps * 32) down_kernel(const MoeParams p
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Tiled path (many pairs per expert): grouped GEMMs with the pairs of one kept expert as M (kTileM per
+// tile), weight rows as N (kTileN per tile) and k through a kTiledStages-deep cp.async ring of padded
+// shared tiles (ldmatrix, mma.sync). 4 warps as 2 (M) x 2 (N): a warp owns 32 pairs x 64 weight rows.
+//   gate_up: A = x rows gathered by token, B = 64 gate rows r0.. and the same 64 up rows (f + r0..);
+//            a warp's 64 B rows are 32 gate + the matching 32 up rows, so SiLU(gate) * up is local.
+//   down:    A = act rows (contiguous positions), B = 128 rows of W2[e]; the epilogue writes each
+//            pair's float32 row to pair_out[pair] (pair = t * K + k).
+// combine:   y[t] = sum_k weights[t, k] * pair_out[t * K + k] in slot order (dropped slots: weight 0,
+//            never read). No atomics: deterministic.
+// Work: items (kept slot, N tile, M tile), M tile fastest so CTAs running together share a weight
+// tile through L2; a persistent grid walks them, each CTA rebuilding the slot -> first tile table.
+constexpr int kTileM = 64, kTileN = 128, kTileK = 64, kTiledStages = 4, kTiledWarps = 4;
+constexpr int kTiledCtasPerSm = 2;
+constexpr int kTiledStride = kTileK + 8;  // padded shared row (elements): conflict-free ldmatrix
+constexpr int kTiledSmemBytes = kTiledStages * (kTileM + kTileN) * kTiledStride * 2;
+
+enum class Gemm { kGateUp, kDown };
+
+// Slot lookups. kept_experts == nullptr is the dense case (the shared expert): one slot, expert 0,
+// holding every token once, in order (K = 1).
+__device__ __forceinline__ int slot_count(const MoeParams& p, int j) { return p.kept_experts ? p.expert_counts[j] : p.T; }
+__device__ __forceinline__ int slot_expert(const MoeParams& p, int j) { return p.kept_experts ? p.kept_experts[j] : 0; }
+__device__ __forceinline__ int slot_offset(const MoeParams& p, int j) { return p.kept_experts ? p.expert_offsets[j] : 0; }
+__device__ __forceinline__ int pair_at(const MoeParams& p, int pos) { return p.kept_experts ? p.sorted_pairs[pos] : pos; }
+
+struct TileTable {
+  int start[kMaxExperts + 1];  // first M tile of kept slot j (exclusive scan of ceil(count / kTileM))
+  int tot[33];
+};
+
+// Every thread calls; returns the number of M tiles. s.start is complete on return.
+__device__ __forceinline__ int build_tile_table(const MoeParams& p, TileTable& s) {
+  constexpr int kPer = (kMaxExperts + kTiledWarps * 32 - 1) / (kTiledWarps * 32);
+  int n[kPer], sum = 0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int j = threadIdx.x * kPer + q;
+    n[q] = j < p.num_kept ? (max(slot_count(p, j), 0) + kTileM - 1) / kTileM : 0;
+    sum += n[q];
+  }
+  int total;
+  int at = device::block_exclusive_scan(sum, s.tot, &total);
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int j = threadIdx.x * kPer + q;
+    if (j < p.num_kept) s.start[j] = at;
+    at += n[q];
+  }
+  if (threadIdx.x == 0) s.start[p.num_kept] = total;
+  __syncthreads();
+  return total;
+}
+
+template <typename T, Gemm G>
+__global__ void __launch_bounds__(kTiledWarps * 32, kTiledCtasPerSm) tiled_kernel(const MoeParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sA = reinterpret_cast<T*>(smem_raw);                  // [stages][kTileM][kTiledStride]
+  T* sB = sA + kTiledStages * kTileM * kTiledStride;       // [stages][kTileN][kTiledStride]
+  __shared__ TileTable table;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int g = lane >> 2, c = lane & 3;
+  const int m_tiles = build_tile_table(p, table);
+  const int n_tiles = G == Gemm::kGateUp ? p.f / 64 : (p.h + kTileN - 1) / kTileN;
+  const int k_tiles = (G == Gemm::kGateUp ? p.h : p.f) / kTileK;
+  const int items = m_tiles * n_tiles;
+  const int v8 = tid & 7, r = tid >> 3;  // this thread's 16-byte column and first row of every load
+
+  for (int item = blockIdx.x; item < items; item += gridDim.x) {
+    int lo = 0, hi = p.num_kept;  // the kept slot: start[lo] * n_tiles <= item < start[lo + 1] * n_tiles
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) >> 1;
+      if (table.start[mid] * n_tiles <= item) lo = mid; else hi = mid;
+    }
+    const int j = lo, mt_j = table.start[j + 1] - table.start[j];
+    const int local = item - table.start[j] * n_tiles;
+    const int nt = local / mt_j, mt = local % mt_j;
+    const int e = slot_expert(p, j);
+    const int pos0 = slot_offset(p, j) + mt * kTileM;
+    const int rows = min(kTileM, slot_count(p, j) - mt * kTileM);
+
+    const T* a_src[kTileM / 16];
+    bool a_ok[kTileM / 16];
+#pragma unroll
+    for (int i = 0; i < kTileM / 16; ++i) {
+      const int row = r + 16 * i;
+      a_ok[i] = row < rows;
+      if constexpr (G == Gemm::kGateUp) {
+        const int tok = a_ok[i] ? pair_at(p, pos0 + row) / p.K : 0;
+        a_src[i] = static_cast<const T*>(p.x) + static_cast<int64_t>(tok) * p.x_stride + v8 * 8;
+      } else {
+        a_src[i] = static_cast<const T*>(p.act) + static_cast<int64_t>(a_ok[i] ? pos0 + row : 0) * p.f + v8 * 8;
+      }
+    }
+    const T* b_src[kTileN / 16];
+    bool b_ok[kTileN / 16];
+#pragma unroll
+    for (int i = 0; i < kTileN / 16; ++i) {
+      const int n = r + 16 * i;
+      if constexpr (G == Gemm::kGateUp) {
+        const int wrow = n < 64 ? nt * 64 + n : p.f + nt * 64 + n - 64;
+        b_ok[i] = true;
+        b_src[i] = static_cast<const T*>(p.w13) + (static_cast<int64_t>(e) * 2 * p.f + wrow) * p.h + v8 * 8;
+      } else {
+        const int hrow = nt * kTileN + n;
+        b_ok[i] = hrow < p.h;
+        b_src[i] = static_cast<const T*>(p.w2) + (static_cast<int64_t>(e) * p.h + (b_ok[i] ? hrow : 0)) * p.f + v8 * 8;
+      }
+    }
+    auto load_stage = [&](int kt, int stage) {
+      const int k0 = kt * kTileK;
+      T* a = sA + stage * kTileM * kTiledStride + v8 * 8;
+      T* b = sB + stage * kTileN * kTiledStride + v8 * 8;
+#pragma unroll
+      for (int i = 0; i < kTileM / 16; ++i) device::cp_async16(a + (r + 16 * i) * kTiledStride, a_src[i] + k0, a_ok[i]);
+#pragma unroll
+      for (int i = 0; i < kTileN / 16; ++i) device::cp_async16(b + (r + 16 * i) * kTiledStride, b_src[i] + k0, b_ok[i]);
+    };
+
+    float acc[2][8][4];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) acc[mi][nb][0] = acc[mi][nb][1] = acc[mi][nb][2] = acc[mi][nb][3] = 0.f;
+#pragma unroll
+    for (int st = 0; st < kTiledStages - 1; ++st) {
+      if (st < k_tiles) load_stage(st, st);
+      device::cp_async_commit();
+    }
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      device::cp_async_wait<kTiledStages - 2>();  // stage kt has landed (this thread's copies) ...
+      __syncthreads();                            // ... everyone's; and stage kt - 1 is consumed
+      {
+        const int next = kt + kTiledStages - 1;
+        if (next < k_tiles) load_stage(next, next % kTiledStages);
+        device::cp_async_commit();
+      }
+      const T* a = sA + (kt % kTiledStages) * kTileM * kTiledStride;
+      const T* b = sB + (kt % kTiledStages) * kTileN * kTiledStride;
+#pragma unroll
+      for (int kk = 0; kk < kTileK / 16; ++kk) {
+        uint32_t af[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int row = wm * 32 + mi * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+          device::ldmatrix_x4(af[mi], a + row * kTiledStride + kk * 16 + (lane >> 4) * 8);
+        }
+#pragma unroll
+        for (int nb2 = 0; nb2 < 4; ++nb2) {
+          const int base = G == Gemm::kGateUp ? (nb2 >> 1) * 64 + wn * 32 + (nb2 & 1) * 16 : wn * 64 + nb2 * 16;
+          const int row = base + (lane >> 4) * 8 + (lane & 7);
+          uint32_t bf[4];
+          device::ldmatrix_x4(bf, b + row * kTiledStride + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            Mma<T>::run(acc[mi][2 * nb2], af[mi], bf[0], bf[1]);
+            Mma<T>::run(acc[mi][2 * nb2 + 1], af[mi], bf[2], bf[3]);
+          }
+        }
+      }
+    }
+    device::cp_async_wait<0>();
+    __syncthreads();  // every warp is done with the ring before the next item refills it
+
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int row = wm * 32 + mi * 16 + half * 8 + g;
+        if (row >= rows) continue;
+        const int pos = pos0 + row;
+        if constexpr (G == Gemm::kGateUp) {
+          T* dst = static_cast<T*>(p.act) + static_cast<int64_t>(pos) * p.f + nt * 64 + wn * 32 + 2 * c;
+#pragma unroll
+          for (int nb = 0; nb < 4; ++nb) {
+            const float v0 = silu(acc[mi][nb][2 * half]) * acc[mi][nb + 4][2 * half];
+            const float v1 = silu(acc[mi][nb][2 * half + 1]) * acc[mi][nb + 4][2 * half + 1];
+            *reinterpret_cast<uint32_t*>(dst + nb * 8) = Mma<T>::pack(v0, v1);
+          }
+        } else {
+          const int pair = pair_at(p, pos);
+          float* dst = p.pair_out + static_cast<int64_t>(pair) * p.h;
+#pragma unroll
+          for (int nb = 0; nb < 8; ++nb) {
+            const int col = nt * kTileN + wn * 64 + nb * 8 + 2 * c;
+            if (col < p.h)
+              *reinterpret_cast<float2*>(dst + col) = make_float2(acc[mi][nb][2 * half], acc[mi][nb][2 * half + 1]);
+          }
+        }
+      }
+  }
+}
+
+// y[t, 4i .. 4i+3] = sum_k weights[t, k] * pair_out[t * K + k, 4i ..] (+ shared.weight[t] *
+// shared.out[t, 4i ..]); grid (T, h / 4 / 128 rounded up).
+template <typename T>
+__global__ void __launch_bounds__(128) combine_kernel(const MoeParams p) {
+  const int t = blockIdx.x, col = (blockIdx.y * blockDim.x + threadIdx.x) * 4;
+  if (col >= p.h) return;
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < p.K; ++k) {
+    const float w = p.weights[static_cast<int64_t>(t) * p.K + k];
+    if (w == 0.f) continue;  // dropped slot: its row was never written
+    const float4 v = *reinterpret_cast<const float4*>(p.pair_out + (static_cast<int64_t>(t) * p.K + k) * p.h + col);
+    s.x += w * v.x;
+    s.y += w * v.y;
+    s.z += w * v.z;
+    s.w += w * v.w;
+  }
+  if (p.shared.out != nullptr) {
+    const float w = p.shared.weight[t];
+    const float4 v = *reinterpret_cast<const float4*>(p.shared.out + static_cast<int64_t>(t) * p.h + col);
+    s.x += w * v.x;
+    s.y += w * v.y;
+    s.z += w * v.z;
+    s.w += w * v.w;
+  }
+  uint2 out;
+  out.x = Mma<T>::pack(s.x, s.y);
+  out.y = Mma<T>::pack(s.z, s.w);
+  *reinterpret_cast<uint2*>(static_cast<T*>(p.y) + static_cast<int64_t>(t) * p.h + col) = out;
+}
+
+template <typename T, Gemm G>
+cudaError_t launch_tiled_gemm(const MoeParams& p, int n_tiles, cudaStream_t stream) {
+  auto* kernel = tiled_kernel<T, G>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiledSmemBytes);
+  if (err != cudaSuccess) return err;
+  // M tiles <= pairs / kTileM + one partial tile per slot with pairs (<= min(Bk, pairs) of them); a
+  // tight bound keeps small calls on one CTA per SM
+  const int64_t pairs = static_cast<int64_t>(p.T) * p.K;
+  const int64_t max_items = (pairs / kTileM + std::min<int64_t>(p.num_kept, pairs)) * n_tiles;
+  const int grid = static_cast<int>(max(int64_t(1), min(max_items, int64_t(p.num_sms) * kTiledCtasPerSm)));
+  kernel<<<grid, kTiledWarps * 32, kTiledSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_tiled(const MoeParams& p, cudaStream_t stream) {
+  if (p.pair_out == nullptr) return cudaErrorInvalidValue;
+  cudaError_t err;
+  if (p.shared.w13 != nullptr) {  // the shared expert: dense slot, K = 1, its own FFN size and scratch
+    MoeParams s = p;
+    s.w13 = p.shared.w13;
+    s.w2 = p.shared.w2;
+    s.act = p.shared.act;
+    s.pair_out = p.shared.out;
+    s.f = p.shared.fs;
+    s.E = s.K = s.num_kept = 1;
+    s.kept_experts = s.expert_counts = s.expert_offsets = s.sorted_pairs = nullptr;
+    if ((err = launch_tiled_gemm<T, Gemm::kGateUp>(s, s.f / 64, stream)) != cudaSuccess) return err;
+    if ((err = launch_tiled_gemm<T, Gemm::kDown>(s, (s.h + kTileN - 1) / kTileN, stream)) != cudaSuccess) return err;
+  }
+  err = launch_tiled_gemm<T, Gemm::kGateUp>(p, p.f / 64, stream);
+  if (err != cudaSuccess) return err;
+  err = launch_tiled_gemm<T, Gemm::kDown>(p, (p.h + kTileN - 1) / kTileN, stream);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.T, (p.h / 4 + 127) / 128);
+  combine_kernel<T><<<grid, 128, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_typed(const MoeParams& p, cudaStream_t stream) {
   if (p.T == 0) return cudaSuccess;
+  if (resolve_path(p) == Path::kTiled) return launch_tiled<T>(p, stream);
   const int max_items = p.num_kept * (p.f / kRowTile);
   const int grid1 = max(1, min(max_items, p.num_sms * kGateUpCtasPerSm));
   gate_up_kernel<T><<<grid1, kGateUpWarps * 32, 0, stream>>>(p);

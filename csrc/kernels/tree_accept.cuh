@@ -226,6 +226,7 @@ __device__ uint32_t radix_select(const T* row, int V, Slice sl, int ndigits, dou
         if (thr_is_fraction) thr = thr * double(tot);
       }
       const uint64_t above = sh.above;
+      __syncwarp();  // every lane has read sh.above before lane `who` overwrites it below
       const unsigned hit = __ballot_sync(kFull, double(above + incl) >= thr);
       // hit != 0 whenever thr <= total; otherwise take the lowest bin (every participant kept)
       const int who = hit ? __ffs(hit) - 1 : 31;

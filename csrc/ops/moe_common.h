@@ -11,7 +11,35 @@ namespace specmoe {
 
 struct MoeArgs {
   int64_t T, h, f, E, K, num_kept;
+  int64_t fs = 0;  // shared-expert FFN size; 0 = none
 };
+
+// Optional shared expert: all three tensors or none. -> fs (0 = none).
+inline int64_t check_shared_expert(const at::Tensor& x, const c10::optional<at::Tensor>& w13,
+                                   const c10::optional<at::Tensor>& w2, const c10::optional<at::Tensor>& weight) {
+  const char* op = "fused_moe";
+  const int n = int(w13.has_value()) + int(w2.has_value()) + int(weight.has_value());
+  SPECMOE_CHECK(n == 0 || n == 3, op, ": shared_w13, shared_w2 and shared_weight go together (got ", n, " of 3)");
+  if (n == 0) return 0;
+  const int64_t T = x.size(0), h = x.size(1);
+  SPECMOE_CHECK(w13->dim() == 2 && w13->size(1) == h && w13->size(0) % 2 == 0, op,
+                ": shared_w13 must have shape [2fs, h] with h = ", h, ", got ", w13->sizes());
+  const int64_t fs = w13->size(0) / 2;
+  SPECMOE_CHECK(fs % 64 == 0 && fs > 0, op, ": the shared-expert FFN size fs must be a positive multiple of 64, got ", fs);
+  SPECMOE_CHECK(w2->dim() == 2 && w2->size(0) == h && w2->size(1) == fs, op, ": shared_w2 must have shape [h, fs] = [",
+                h, ", ", fs, "], got ", w2->sizes());
+  for (const at::Tensor* w : {&*w13, &*w2}) {
+    SPECMOE_CHECK(w->scalar_type() == x.scalar_type(), op, ": shared-expert weights must have x's dtype ",
+                  x.scalar_type(), ", got ", w->scalar_type());
+    SPECMOE_CHECK(w->is_contiguous(), op, ": shared-expert weights must be contiguous");
+    SPECMOE_CHECK(w->device() == x.device(), op, ": shared-expert weights are on ", w->device(), " but x is on ", x.device());
+  }
+  SPECMOE_CHECK(weight->dim() == 1 && weight->size(0) == T && weight->scalar_type() == at::kFloat &&
+                    weight->is_contiguous() && weight->device() == x.device(),
+                op, ": shared_weight must be a contiguous float32 [T] tensor on x's device with T = ", T, ", got ",
+                weight->scalar_type(), " ", weight->sizes(), " on ", weight->device());
+  return fs;
+}
 
 inline MoeArgs check_moe_args(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                               const at::Tensor& weights, const at::Tensor& kept,

@@ -9,8 +9,11 @@ namespace {
 
 at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                          const at::Tensor& weights, const at::Tensor& kept, const at::Tensor& counts,
-                         const at::Tensor& offsets, const at::Tensor& pairs) {
+                         const at::Tensor& offsets, const at::Tensor& pairs,
+                         const c10::optional<at::Tensor>& shared_w13, const c10::optional<at::Tensor>& shared_w2,
+                         const c10::optional<at::Tensor>& shared_weight) {
   const MoeArgs a = check_moe_args(x, w13, w2, weights, kept, counts, offsets, pairs, false);
+  const int64_t fs = check_shared_expert(x, shared_w13, shared_w2, shared_weight);
   at::Tensor y = at::zeros({a.T, a.h}, x.options().dtype(at::kFloat));
   const int32_t* kp = kept.data_ptr<int32_t>();
   const int32_t* cp = counts.data_ptr<int32_t>();
@@ -28,6 +31,11 @@ at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::T
     const at::Tensor act = (at::silu(gu.slice(1, 0, a.f)) * gu.slice(1, a.f, 2 * a.f)).to(x.scalar_type());
     const at::Tensor out = at::matmul(act.to(at::kFloat), w2[e].to(at::kFloat).t());
     y.index_add_(0, tok, out * flat_w.index_select(0, p).unsqueeze(1));
+  }
+  if (fs > 0) {  // every token, weighted by shared_weight; act rounded as on the GPU
+    const at::Tensor gu = at::matmul(x.to(at::kFloat), shared_w13->to(at::kFloat).t());
+    const at::Tensor act = (at::silu(gu.slice(1, 0, fs)) * gu.slice(1, fs, 2 * fs)).to(x.scalar_type());
+    y.add_(at::matmul(act.to(at::kFloat), shared_w2->to(at::kFloat).t()) * shared_weight->unsqueeze(1));
   }
   return y.to(x.scalar_type());
 }

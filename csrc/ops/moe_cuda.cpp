@@ -2,6 +2,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
+
+#include <cstdlib>
+#include <cstring>
 #include <torch/library.h>
 
 #include "check.h"
@@ -11,10 +14,23 @@
 namespace specmoe {
 namespace {
 
+// SPECMOE_FUSED_MOE_PATH = stream | tiled forces a path (tests, benchmarks); unset or auto = by size.
+fused_moe::Path path_from_env() {
+  const char* v = std::getenv("SPECMOE_FUSED_MOE_PATH");
+  if (v == nullptr || *v == 0 || std::strcmp(v, "auto") == 0) return fused_moe::Path::kAuto;
+  if (std::strcmp(v, "stream") == 0) return fused_moe::Path::kStream;
+  if (std::strcmp(v, "tiled") == 0) return fused_moe::Path::kTiled;
+  SPECMOE_CHECK(false, "fused_moe: SPECMOE_FUSED_MOE_PATH must be auto, stream or tiled, got '", v, "'");
+  return fused_moe::Path::kAuto;
+}
+
 at::Tensor fused_moe_cuda(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& weights, const at::Tensor& kept, const at::Tensor& counts,
-                          const at::Tensor& offsets, const at::Tensor& pairs) {
+                          const at::Tensor& offsets, const at::Tensor& pairs,
+                          const c10::optional<at::Tensor>& shared_w13, const c10::optional<at::Tensor>& shared_w2,
+                          const c10::optional<at::Tensor>& shared_weight) {
   const MoeArgs a = check_moe_args(x, w13, w2, weights, kept, counts, offsets, pairs, true);
+  const int64_t fs = check_shared_expert(x, shared_w13, shared_w2, shared_weight);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty({a.T, a.h}, x.options());
   at::Tensor act = at::empty({a.T * a.K, a.f}, x.options());
@@ -38,6 +54,23 @@ at::Tensor fused_moe_cuda(const at::Tensor& x, const at::Tensor& w13, const at::
   p.num_kept = int(a.num_kept);
   p.dtype = x.scalar_type() == at::kBFloat16 ? fused_moe::DType::kBFloat16 : fused_moe::DType::kFloat16;
   p.num_sms = multiprocessor_count(x.get_device());
+  p.path = path_from_env();
+  at::Tensor shared_act, shared_out;
+  if (fs > 0) {
+    shared_act = at::empty({a.T, fs}, x.options());
+    shared_out = at::empty({a.T, a.h}, x.options().dtype(at::kFloat));
+    p.shared.w13 = shared_w13->data_ptr();
+    p.shared.w2 = shared_w2->data_ptr();
+    p.shared.weight = shared_weight->data_ptr<float>();
+    p.shared.act = shared_act.data_ptr();
+    p.shared.out = shared_out.data_ptr<float>();
+    p.shared.fs = int(fs);
+  }
+  at::Tensor pair_out;
+  if (fused_moe::resolve_path(p) == fused_moe::Path::kTiled) {
+    pair_out = at::empty({a.T * a.K, a.h}, x.options().dtype(at::kFloat));
+    p.pair_out = pair_out.data_ptr<float>();
+  }
   const cudaError_t err = fused_moe::launch_fused_moe(p, c10::cuda::getCurrentCUDAStream());
   SPECMOE_CHECK(err == cudaSuccess, "fused_moe: kernel launch failed: ", cudaGetErrorString(err));
   return y;

@@ -38,7 +38,8 @@ TORCH_LIBRARY(specmoe, m) {
          "str policy='substitute') -> (Tensor weights, Tensor ids, Tensor kept_experts, "
          "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs)");
   def(m, "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor kept_experts, "
-         "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs) -> Tensor");
+         "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs, Tensor? shared_w13=None, "
+         "Tensor? shared_w2=None, Tensor? shared_weight=None) -> Tensor");
   def(m, "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor tree_mask, "
          "float scale, int kv_len_hint=0) -> Tensor");
   def(m, "tree_accept(Tensor logits, Tensor tokens, Tensor parent, Tensor valid, float temperature, "

@@ -63,19 +63,23 @@ def route_budget(logits: Tensor, top_k: int, budget: int | None = None, *, scori
                                       token_weights, protect, policy))
 
 
-def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing,
+              shared: "tuple[Tensor, Tensor, Tensor] | None" = None) -> Tensor:
     """Expert FFN of an MoE layer over the experts `routing` kept (the output of `route_budget`).
 
     x [T, h] (bfloat16/float16; float32 on CPU), w13 [E, 2f, h] (rows [0, f) gate = W1, [f, 2f) up =
     W3), w2 [E, h, f] -> y [T, h] in x's dtype:
         y[t] = sum_k weights[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]),  e = ids[t, k]
-    Only kept experts with at least one (token, slot) pair are read. h and f must be multiples of 64.
-    The silu * up activation is rounded to x's dtype (as HF models do); accumulation is float32, in a
-    fixed order (deterministic). No host synchronization on CUDA (graph capturable).
+             (+ ws[t] * W2s (silu(W1s x[t]) * W3s x[t])  with shared = (w13s [2fs, h], w2s [h, fs], ws [T] fp32))
+    The optional shared expert is Qwen2-MoE's: every token, weighted by ws (its sigmoid gate).
+    Only kept experts with at least one (token, slot) pair are read. h, f and fs must be multiples of
+    64. The silu * up activation is rounded to x's dtype (as HF models do); accumulation is float32,
+    in a fixed order (deterministic). No host synchronization on CUDA (graph capturable).
     """
     _require_kernels_for(x)
+    sw13, sw2, sw = shared if shared is not None else (None, None, None)
     return _ops.fused_moe(x, w13, w2, routing.weights, routing.kept_experts, routing.expert_counts,
-                          routing.expert_offsets, routing.sorted_pairs)
+                          routing.expert_offsets, routing.sorted_pairs, sw13, sw2, sw)
 
 
 def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_lens: Tensor, tree_mask: Tensor,
@@ -119,7 +123,8 @@ def _route_budget_fake(logits, top_k, budget, scoring="softmax", bias=None, reno
 
 
 @torch.library.register_fake("specmoe::fused_moe")
-def _fused_moe_fake(x, w13, w2, weights, kept_experts, expert_counts, expert_offsets, sorted_pairs):
+def _fused_moe_fake(x, w13, w2, weights, kept_experts, expert_counts, expert_offsets, sorted_pairs,
+                    shared_w13=None, shared_w2=None, shared_weight=None):
     return x.new_empty(x.shape)
 
 

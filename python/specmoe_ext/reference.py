@@ -119,9 +119,11 @@ def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softma
     return Routing(weights, i32(ids), i32(kept), i32(counts), i32(offsets), i32(sorted_pairs))
 
 
-def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
-    """y[t] = sum_k w[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]) in float32, computed on x's device
-    from the routing's ids/weights directly (independent of its grouping); returns float32 [T, h] on CPU."""
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing,
+              shared: "tuple[Tensor, Tensor, Tensor] | None" = None) -> Tensor:
+    """y[t] = sum_k w[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]) (+ ws[t] * the shared expert's FFN
+    of x[t], shared = (w13s [2fs, h], w2s [h, fs], ws [T])) in float32, computed on x's device from the
+    routing's ids/weights directly (independent of its grouping); returns float32 [T, h] on CPU."""
     x = x.float()
     ids, weights = routing.ids.long().to(x.device), routing.weights.float().to(x.device)
     f = w2.shape[-1]
@@ -131,6 +133,11 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing) -> Tensor:
         gu = x[t] @ w13[e].float().t()
         out = (torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]) @ w2[e].float().t()
         y.index_add_(0, t, weights[t, k, None] * out)
+    if shared is not None:
+        w13s, w2s, ws = shared
+        fs = w2s.shape[-1]
+        gu = x @ w13s.float().t()
+        y += ws.float().to(x.device)[:, None] * ((torch.nn.functional.silu(gu[:, :fs]) * gu[:, fs:]) @ w2s.float().t())
     return y.cpu()
 
 

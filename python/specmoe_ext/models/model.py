@@ -303,9 +303,11 @@ class MoEFeedForward(nn.Module):
             moe.record.append((layer, routing))
         if moe.stats is not None:
             moe.stats.add(layer, natural_ids, routing.ids, self.n_experts)
-        y = moe_experts(xf, self.w13, self.w2, routing, impl=moe.impl)
-        if self.shared is not None:
-            y = y + torch.sigmoid(self.shared_gate(xf)) * self.shared(xf)
+        shared = None
+        if self.shared is not None:   # Qwen2-MoE: ws = sigmoid(x . g), added by the expert op
+            ws = torch.sigmoid(self.shared_gate(xf).float())[:, 0]
+            shared = (self.shared.w13.weight, self.shared.w2.weight, ws)
+        y = moe_experts(xf, self.w13, self.w2, routing, impl=moe.impl, shared=shared)
         return y.view(shape)
 
 

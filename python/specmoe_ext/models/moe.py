@@ -10,9 +10,9 @@ Bk kept experts (min(budget, E); = E without a budget), P = N*K (token, slot) pa
 This is the layout the fused-MoE CUDA kernel consumes; `moe_experts` is the single place it drops in.
 Implementations (all read only the experts the routing keeps):
   "fused"   specmoe::fused_moe, the hand-written CUDA kernel (bf16/fp16, h and f multiples of 64):
-            default on CUDA while the average (token, slot) pairs per expert, N*K/E, is at most
-            FUSED_MAX_PAIRS_PER_EXPERT (decode, small trees), where it beats grouped GEMM
-            (bench/results/moe_*.json); no host sync, graph capturable.
+            default on CUDA below FUSED_MAX_PAIRS_PER_EXPERT average (token, slot) pairs per kept
+            expert (decode, trees, prefill chunks), where it beats grouped GEMM
+            (bench/results/moe_*.json); no host sync, graph capturable; runs the shared expert too.
   "loop"    per kept expert, a GEMM over its group of rows (host-known offsets: one sync; CPU default).
   "grouped" `torch._grouped_mm` / `F.grouped_mm` over the Bk groups (CUDA + bf16; CUDA-graph capturable).
   "gather"  per (token, slot) pair, gathers that expert's matrices and uses bmm (any dtype/device, no
@@ -28,10 +28,10 @@ from torch import Tensor
 from ..routing_types import Routing
 
 IMPLS = ("fused", "loop", "grouped", "gather")
-# The fused kernel streams each loaded expert once per 16 pairs; grouped GEMM reuses weights better once
-# experts get many tokens. Measured crossover on the H100 (bench/results/moe_*.json): about 4 pairs per
-# expert on average (Qwen3-30B-A3B: T = 64, Mixtral: T = 16).
-FUSED_MAX_PAIRS_PER_EXPERT = 4
+# The fused kernel (its tiled path past a few pairs per expert) matches or beats torch._grouped_mm up to
+# 32 pairs per kept expert on all four bench shapes; at 64+ the GEMMs are compute-bound and CUTLASS's
+# grouped GEMM is up to 1.4x faster on the large experts (H100, bench/results/moe_*.json).
+FUSED_MAX_PAIRS_PER_EXPERT = 48
 _grouped_mm_fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -50,12 +50,13 @@ def fused_available(x: Tensor, w13: Tensor | None = None) -> bool:
             and (w13 is None or (w13.shape[-1] % 64 == 0 and (w13.shape[-2] // 2) % 64 == 0)))
 
 
-def default_impl(x: Tensor, w13: Tensor | None = None, routing_k: int | None = None) -> str:
+def default_impl(x: Tensor, w13: Tensor | None = None, routing_k: int | None = None,
+                 num_kept: int | None = None) -> str:
     if not x.is_cuda:
         return "loop"
     if w13 is not None and fused_available(x, w13):
         K = routing_k if routing_k is not None else 1
-        if x.shape[0] * K <= FUSED_MAX_PAIRS_PER_EXPERT * w13.shape[0]:
+        if x.shape[0] * K < FUSED_MAX_PAIRS_PER_EXPERT * (num_kept or w13.shape[0]):
             return "fused"
     # the CUTLASS path wants 16-byte aligned rows: h and f multiples of 8 bf16 elements
     aligned = w13 is None or (w13.shape[-1] % 8 == 0 and w13.shape[-2] % 16 == 0)
@@ -130,10 +131,12 @@ def _moe_gather(x: Tensor, w13: Tensor, w2: Tensor, r: Routing) -> Tensor:
     return _combine(out, pair_index, r.weights, N, x.dtype)
 
 
-def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str | None = None) -> Tensor:
+def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str | None = None,
+                shared: "tuple[Tensor, Tensor, Tensor] | None" = None) -> Tensor:
     """x [N, h], w13 [E, 2f, h], w2 [E, h, f], routing over N tokens -> y [N, h] (x.dtype).
+    shared = (w13s [2fs, h], w2s [h, fs], ws [N] float32) adds ws * the shared expert's FFN (Qwen2-MoE).
 
-    impl None picks "grouped" on CUDA bf16, "gather" on other CUDA dtypes, "loop" on CPU.
+    impl None: default_impl ("fused" on CUDA where it wins, else "grouped" / "gather"; "loop" on CPU).
     """
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"moe_experts: expected x [N, h], w13 [E, 2f, h], w2 [E, h, f]; got "
@@ -145,7 +148,21 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str 
                          f"w2 {tuple(w2.shape)} (want w13 [E, 2f, h], w2 [E, h, f])")
     if routing.ids.shape[0] != N:
         raise ValueError(f"moe_experts: routing covers {routing.ids.shape[0]} tokens, x has {N}")
-    impl = impl or default_impl(x, w13, routing.ids.shape[1])
+    impl = impl or default_impl(x, w13, routing.ids.shape[1], routing.kept_experts.shape[0])
+    if impl == "fused" and (shared is None or shared[0].shape[0] % 128 == 0):
+        from .. import ops
+        return ops.fused_moe(x, w13, w2, routing, shared)
+    return _add_shared(_moe_experts_unfused(x, w13, w2, routing, impl), x, shared)
+
+
+def _add_shared(y: Tensor, x: Tensor, shared) -> Tensor:
+    if shared is None:
+        return y
+    w13s, w2s, ws = shared
+    return y + (ws[:, None] * _expert_ffn_group(x, w13s, w2s).float()).to(y.dtype)
+
+
+def _moe_experts_unfused(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str) -> Tensor:
     if impl == "fused":
         from .. import ops
         return ops.fused_moe(x, w13, w2, routing)
