@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace specmoe {
 namespace device {
@@ -22,13 +23,30 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half(v); }
 
-// Inclusive prefix sum across the warp.
-__device__ __forceinline__ int warp_inclusive_scan(int v) {
+// Warp-wide reductions (every lane of a full warp calls; every lane gets the result). V: int, float,
+// uint64_t (any type __shfl_*_sync moves).
+template <typename V>
+__device__ __forceinline__ V warp_inclusive_scan(V v) {  // inclusive prefix sum over the lanes
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(kFull, v, o);
+    const V u = __shfl_up_sync(kFull, v, o);
     if (lane >= o) v += u;
+  }
+  return v;
+}
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+template <typename V>
+__device__ __forceinline__ V warp_max(V v) {  // float: fmaxf, so a NaN lane does not win
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const V u = __shfl_xor_sync(kFull, v, o);
+    if constexpr (std::is_same_v<V, float>) v = fmaxf(v, u); else v = u > v ? u : v;
   }
   return v;
 }

@@ -48,18 +48,6 @@ __device__ __forceinline__ uint32_t order_key(float f) {
 
 __device__ __forceinline__ float nan_to_neg_inf(float x) { return isnan(x) ? -INFINITY : x; }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
-  return v;
-}
-
 // P for one (clean) logit given the row's softmax stats (m: max, or 0 with no finite logit;
 // inv = 1 / sum of exp(x - m), or 0 when that sum is 0). One reciprocal per row, not a divide per
 // element: the CPU implementation computes the same expression.
@@ -105,7 +93,7 @@ __device__ __forceinline__ void row_probs(const RouteParams& p, const float (&x)
   float lm = -INFINITY;
 #pragma unroll
   for (int i = 0; i < EPL; ++i) lm = fmaxf(lm, x[i]);
-  m = warp_max(lm);
+  m = device::warp_max(lm);
   if (m == -INFINITY) m = 0.f;
   float ls = 0.f;
 #pragma unroll
@@ -113,7 +101,7 @@ __device__ __forceinline__ void row_probs(const RouteParams& p, const float (&x)
     P[i] = expf(x[i] - m);
     ls += P[i];
   }
-  const float s = warp_sum(ls);
+  const float s = device::warp_sum(ls);
   inv = s > 0.f ? 1.f / s : 0.f;
 #pragma unroll
   for (int i = 0; i < EPL; ++i) P[i] *= inv;
@@ -283,7 +271,7 @@ __device__ __forceinline__ void write_token(const RouteParams& p, int t, int lan
                                             float m, float s, const int32_t* slot_of, int32_t* pair_slot) {
   float w = (lane < p.K && id >= 0) ? prob_of(xid, p.scoring, m, s) : 0.f;
   if (p.renormalize) {
-    const float sum = warp_sum(w);
+    const float sum = device::warp_sum(w);
     w = sum > 0.f ? w / sum : 0.f;
   }
   if (lane < p.K) {

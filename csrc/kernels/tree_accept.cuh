@@ -100,28 +100,6 @@ __device__ __forceinline__ void load_chunk(const T* row, int V, int base, Chunk&
   }
 }
 
-__device__ __forceinline__ uint64_t warp_sum_u64(uint64_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-  return v;
-}
-__device__ __forceinline__ uint64_t warp_max_u64(uint64_t v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const uint64_t u = __shfl_xor_sync(kFull, v, o);
-    v = u > v ? u : v;
-  }
-  return v;
-}
-__device__ __forceinline__ uint64_t warp_inclusive_scan_u64(uint64_t v) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint64_t u = __shfl_up_sync(kFull, v, o);
-    if (lane >= o) v += u;
-  }
-  return v;
-}
 
 struct Shared {
   uint64_t hist[256];           // digit histogram (counts or masses) of this CTA's vocabulary slice
@@ -219,7 +197,7 @@ __device__ uint32_t radix_select(const T* row, int V, Slice sl, int ndigits, dou
         h8[j] = hist_sum<G>(sh, 255 - 8 * lane - j);
         mine += h8[j];
       }
-      const uint64_t incl = warp_inclusive_scan_u64(mine);
+      const uint64_t incl = device::warp_inclusive_scan(mine);
       if (d == 0) {
         const uint64_t tot = __shfl_sync(kFull, incl, 31);
         if (lane == 0) sh.total = tot;
@@ -283,12 +261,12 @@ __global__ void __launch_bounds__(kThreads) node_kernel(TreeAcceptParams p) {
       if (c.ok[j] && pk > best) best = pk;
     }
   }
-  best = warp_max_u64(best);
+  best = device::warp_max(best);
   if (lane == 0) sh.red[warp] = best;
   __syncthreads();
   if (warp == 0) {
     uint64_t v = lane < kWarps ? sh.red[lane] : 0;
-    v = warp_max_u64(v);
+    v = device::warp_max(v);
     if (lane == 0) sh.best = v;
   }
   Cluster<G>::sync();
@@ -334,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) node_kernel(TreeAcceptParams p) {
 #pragma unroll
     for (int j = 0; j < 8; ++j)
       if (c.ok[j] && c.k[j] >= kept) w += fixed_weight(c.v[j], m, scale);
-    w = warp_sum_u64(w);
+    w = device::warp_sum(w);
     if (lane == 0) sh.seg[s - sl.s_lo] = w;
   }
   __syncthreads();
@@ -344,7 +322,7 @@ __global__ void __launch_bounds__(kThreads) node_kernel(TreeAcceptParams p) {
   uint64_t mine = 0, incl = 0;
   if (warp == 0) {
     for (int s = s0; s < s1; ++s) mine += sh.seg[s];
-    incl = warp_inclusive_scan_u64(mine);
+    incl = device::warp_inclusive_scan(mine);
     if (lane == 31) sh.slice_mass = incl;
   }
   Cluster<G>::sync();
@@ -388,7 +366,7 @@ __global__ void __launch_bounds__(kThreads) node_kernel(TreeAcceptParams p) {
     wj[j] = (c.ok[j] && c.k[j] >= kept) ? fixed_weight(c.v[j], m, scale) : 0;
     lw += wj[j];
   }
-  const uint64_t li = warp_inclusive_scan_u64(lw) + before;
+  const uint64_t li = device::warp_inclusive_scan(lw) + before;
   const unsigned h2 = __ballot_sync(kFull, li > t);
   const int w2 = __ffs(h2) - 1;
   if (lane == w2) {

@@ -149,10 +149,9 @@ def moe_experts(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str 
     if routing.ids.shape[0] != N:
         raise ValueError(f"moe_experts: routing covers {routing.ids.shape[0]} tokens, x has {N}")
     impl = impl or default_impl(x, w13, routing.ids.shape[1], routing.kept_experts.shape[0])
-    if impl == "fused" and (shared is None or shared[0].shape[0] % 128 == 0):
-        from .. import ops
-        return ops.fused_moe(x, w13, w2, routing, shared)
-    return _add_shared(_moe_experts_unfused(x, w13, w2, routing, impl), x, shared)
+    in_op = impl == "fused" and shared is not None and shared[0].shape[0] % 128 == 0  # the op: fs % 64 == 0
+    y = _moe_experts_by_impl(x, w13, w2, routing, impl, shared if in_op else None)
+    return y if in_op else _add_shared(y, x, shared)
 
 
 def _add_shared(y: Tensor, x: Tensor, shared) -> Tensor:
@@ -162,10 +161,10 @@ def _add_shared(y: Tensor, x: Tensor, shared) -> Tensor:
     return y + (ws[:, None] * _expert_ffn_group(x, w13s, w2s).float()).to(y.dtype)
 
 
-def _moe_experts_unfused(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str) -> Tensor:
+def _moe_experts_by_impl(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing, impl: str, op_shared=None) -> Tensor:
     if impl == "fused":
         from .. import ops
-        return ops.fused_moe(x, w13, w2, routing)
+        return ops.fused_moe(x, w13, w2, routing, op_shared)
     if impl == "loop":
         return _moe_loop(x, w13, w2, routing)
     if impl == "grouped":
