@@ -1,5 +1,6 @@
-"""Verify-step ops: specmoe::tree_accept and specmoe::kv_compact vs the plain-PyTorch functions they
-replace (spec/accept.py accept_greedy / accept_target_sampling, spec/kv.py kv_compact), with the floor.
+"""Verify-step ops: specmoe::tree_accept and specmoe::kv_compact vs the plain-PyTorch way (the vectorized
+walks of reference.py: accept_greedy / accept_target_sampling with softmax + torch.rand uniforms; a gather +
+scatter per cache tensor for the compaction), with the floor.
 
 tree_accept: bf16 logits [bs, T, V = 151936]; greedy and sampled (temperature 0.8, top_p 0.9). The tree has
 a designated path ([0, 2, 4] for T = 5, [0, 2, 5, 9, 14] for T = 16) whose tokens are the peaks of their
@@ -29,12 +30,33 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import measure_copy_bandwidth, print_table, time_graph, write_results  # noqa: E402
 
-from specmoe_ext import ops  # noqa: E402
+from specmoe_ext import ops, reference as R  # noqa: E402
 from specmoe_ext.models.generate import SamplingParams  # noqa: E402
 from specmoe_ext.models.kv_cache import KVCache  # noqa: E402
-from specmoe_ext.spec.accept import accept as spec_accept  # noqa: E402
-from specmoe_ext.spec.kv import kv_compact as spec_kv_compact  # noqa: E402
-from specmoe_ext.spec.tree import DraftTree  # noqa: E402
+from specmoe_ext.speculative.verifier import target_probs  # noqa: E402
+
+
+def torch_kv_compact(tensors, prefix: list[int], path, n: list[int]) -> None:
+    """The PyTorch way (the baseline): validate on the host, then one gather + one scatter per cache tensor."""
+    bs = len(prefix)
+    D = path.shape[1] - 1
+    p = path.cpu()
+    j = torch.arange(1, D + 1)
+    base = torch.tensor(prefix)[:, None]
+    live = j[None, :] <= torch.tensor(n)[:, None]
+    dst = torch.where(live, base + j, base).to(tensors[0].device)
+    src = torch.where(live, base + p[:, 1:].clamp_min(0), base).to(tensors[0].device)
+    rows = torch.arange(bs, device=tensors[0].device)[:, None]
+    for buf in tensors:
+        buf[rows, :, dst] = buf[rows, :, src]
+
+
+def torch_accept(tokens, parent, valid, logits, sp):
+    """The PyTorch way: the vectorized reference walks (greedy, or target sampling with torch.rand)."""
+    if sp.temperature == 0:
+        return R.accept_greedy(tokens, parent, valid, logits)
+    p = target_probs(logits, sp)
+    return R.accept_target_sampling(tokens, parent, valid, p, torch.rand(tokens.shape, device=logits.device))
 
 V = 151936
 QWEN3 = dict(layers=48, Hk=4, d=128, S=4096)
@@ -128,7 +150,7 @@ def main() -> None:
         kv = time_graph(kv_ours)
         kv_us = kv["us_per_call"] - reset["us_per_call"]
         n_host = [len(KV_PATH) - 1] * bs
-        kv_base = time_eager(lambda: spec_kv_compact(cache, prefix, kv_path, n_host))
+        kv_base = time_eager(lambda: torch_kv_compact(tensors, prefix, kv_path, n_host))
         kv_bytes = 2 * (len(KV_PATH) - 1) * len(tensors) * bs * q["Hk"] * q["d"] * 2
         for T in Ts:
             tokens, parent, valid, peak = make_tree(bs, T, g)
@@ -138,7 +160,6 @@ def main() -> None:
             tok_d, par_d, val_d = tokens.cuda(), parent.cuda(), valid.cuda()
             seed = torch.arange(bs, dtype=torch.long, device="cuda") * 7919 + 1
             offset = torch.zeros(bs, dtype=torch.long, device="cuda")
-            tree = DraftTree.from_parents(tok_d, par_d, val_d)
             for mode, sp in MODES.items():
                 it = {"i": 0}
 
@@ -157,16 +178,14 @@ def main() -> None:
                 both = time_graph(both_ours)
                 path, n, bonus = accept_ours()
                 n_acc = n.float().mean().item()
-                gens = [torch.Generator(device="cuda").manual_seed(b) for b in range(bs)]
-
                 def accept_base():
                     lg = bufs[it["i"] % n_buf]
                     it["i"] += 1
-                    return spec_accept(tree, lg, sp, rule="target", generators=gens)
+                    return torch_accept(tok_d, par_d, val_d, lg, sp)
 
                 def both_base():
-                    a = accept_base()
-                    spec_kv_compact(cache, prefix, a.path, a.n_accepted.tolist())
+                    path_b, n_b, _ = accept_base()
+                    torch_kv_compact(tensors, prefix, path_b, n_b.tolist())
 
                 acc_base = time_eager(accept_base)
                 both_base_us = time_eager(both_base)

@@ -5,9 +5,12 @@ Shape legend: bs requests, L layers, E experts, K experts per token, h hidden, f
 Hk kv heads, d head dim, P prompt length.
 
 Per batch size bs (default 1, 4, 16, 64) on the `qwen3-30b-a3b` preset (random bf16 weights, seeded):
-  ours        median time of one decode step (the model forward, replayed from a CUDA graph; sampling
-              excluded), after a prefill of P random tokens per request; CUDA events around each replay.
-  ours_eager  the same step without the graph (a few steps; shows the launch overhead the graph removes).
+  ours        median device time of one plain decoding step of the engine (specmoe_ext.speculative.generate:
+              the root-only speculative step = the model forward + acceptance (argmax) + cache commit,
+              replayed from its CUDA graph), after a prefill of P random tokens per request; CUDA events
+              around each replay (the runner's step times). ours_wall_ms = wall time per step of the same
+              loop (pipelined: the host enqueues step i+1 before it reads step i).
+  ours_eager  the same step without the graph (shows the launch overhead the graph removes).
   hf          transformers' own `generate` on the SAME weights (the HF model is built on the meta device
               and its parameters are views of ours: no second copy in GPU memory), greedy, sdpa attention,
               its default experts path (grouped_mm where available): per-token decode time
@@ -40,8 +43,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from specmoe_ext.masks import causal_bits  # noqa: E402
 from specmoe_ext.models import KVCache, MoEControl, hf_state_dict, prefill  # noqa: E402
-from specmoe_ext.models.generate import DecodeGraph  # noqa: E402
+from specmoe_ext.speculative import SpecEngine  # noqa: E402
 from specmoe_ext.models.loader import read_config  # noqa: E402
 from specmoe_ext.models.presets import build_preset, get_preset  # noqa: E402
 
@@ -114,49 +118,40 @@ def bench_ours(model, bs: int, P: int, steps: int, eager_steps: int, use_graph: 
     dev = model.tok_embeddings.weight.device
     g = torch.Generator().manual_seed(seed + bs)
     prompts = torch.randint(0, model.args.vocab_size, (bs, P), generator=g).tolist()
-    cap = P + steps + eager_steps + 8
-    cache = KVCache.for_model(model, bs, cap)
-    timer = Timer(dev)
     row: dict = {"bs": bs, "prompt_len": P}
     with torch.no_grad():
-        logits = prefill(model, prompts, cache)
-        tok = logits.argmax(-1, keepdim=True)
-        # routing of this decode step (eager, recorded) -> distinct experts per layer, for the floor
+        # routing of one decode step (eager, recorded) -> distinct experts per layer, for the floor
+        cache = KVCache.for_model(model, bs, P + 2)
+        logits, _ = prefill(model, prompts, cache)
         rec: list = []
-        model.decode_step(tok, cache, MoEControl(record=rec))
+        geo = cache.tree_geometry(torch.zeros(bs, 1, dtype=torch.long, device=dev),
+                                  causal_bits(1, dev).expand(bs, 1, 1))
+        model(logits.argmax(-1, keepdim=True), geo, cache, MoEControl(record=rec))
         kv_tokens = sum(l + 1 for l in cache.host_lengths())
         bytes_ = step_bytes(model, rec, kv_tokens, bs)
         row["experts_loaded_per_layer_mean"] = (round(statistics.mean(int(r.experts_loaded()) for _, r in rec), 2)
                                                 if rec else 0)
-        del rec
-        # eager steps (each writes slot `length`, then commits)
-        def eager():
-            model.decode_step(tok, cache)
-            cache.advance(1)
-        timer(eager, 1)
-        row["ours_eager_ms"] = statistics.median(timer(eager, eager_steps))
-        graph = None
-        if use_graph:
-            t = time.perf_counter()
-            try:
-                graph = DecodeGraph(model, cache)
-                row["graph_capture_s"] = round(time.perf_counter() - t, 2)
-            except RuntimeError as e:   # record it and report the eager time instead
-                row["graph_error"] = f"{type(e).__name__}: {e}"
-                log(f"    CUDA graph capture failed, eager timing only: {row['graph_error']}")
-        if graph is not None:
-            def replay():
-                graph(tok)
-                cache.advance(1)
-            timer(replay, 2)
-            row["ours_ms"] = statistics.median(timer(replay, steps))
-            del graph
-        else:
-            row["ours_ms"] = row["ours_eager_ms"]
+        del rec, cache
+    eager = SpecEngine(model, None, cuda_graph=False)
+    eager.generate(prompts, 2)                                           # warm-up
+    res = eager.generate(prompts, eager_steps + 1)
+    row["ours_eager_ms"] = statistics.median(1e3 * s.step_s for s in res.steps)
+    del eager
+    if use_graph:
+        eng = SpecEngine(model, None)
+        first = eng.generate(prompts, 4)                                 # eager first step, capture, replays
+        row["graph_capture_s"] = round(first.extra["capture_s"], 2)
+        res = eng.generate(prompts, steps + 1)                           # every step replays
+        rep = [s.step_s for s in res.steps if s.replayed]
+        row["ours_ms"] = statistics.median(1e3 * x for x in rep)
+        row["ours_wall_ms"] = round(1e3 * res.decode_s / max(1, res.decode_steps), 4)
+        row["replayed_steps"] = len(rep)
+        del eng
+    else:
+        row["ours_ms"] = row["ours_eager_ms"]
     row["cuda_graph"] = "graph_capture_s" in row
     row["bytes"] = bytes_
     row["kv_tokens"] = kv_tokens
-    del cache
     return row
 
 
@@ -308,7 +303,7 @@ def main() -> int:
             with torch.no_grad():
                 ids = torch.randint(0, model.args.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
                 ids = ids.to(device)
-                ours_l = model(ids, torch.arange(16, device=device)[None]).float()
+                ours_l = model(ids, torch.arange(16, device=device)[None])[0].float()
                 hf_l = hf(ids).logits.float()
                 result["hf_vs_ours_logits"] = {
                     "max_abs_diff": round((ours_l - hf_l).abs().max().item(), 4),

@@ -13,7 +13,7 @@ Per batch size (default 1, 2, 4, 8, 16, 32, 64), greedy, no stop tokens (every r
   auto[...]     SpecEngine + CascadeController (`--spec auto`), one cell per '|'-separated --auto-candidates set
                 (default: chain lengths k=0,1,2,4 without budget (lossless), and k=0,2,4 x budget none,B (lossy))
 Drafters:
-  controlled    (random-weight presets, e.g. qwen3-30b-a3b) CONTROLLED ACCEPTANCE: spec.drafters.ControlledDrafter
+  controlled    (random-weight presets, e.g. qwen3-30b-a3b) CONTROLLED ACCEPTANCE: bench/controlled.py ControlledDrafter
                 proposes the target's own greedy continuation (recorded from the AR run over the same prompts,
                 a few tokens longer) kept with probability alpha per token (--alphas, default 0.6,0.8,0.9), else
                 a random token; its COST is a real dense draft model's forward per tree level: a random-weight
@@ -61,14 +61,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from common import print_table, write_results  # noqa: E402
 
-from specmoe_ext.models import KVCache, build_draft, build_preset, generate, get_preset, load_tokenizer  # noqa: E402
+from specmoe_ext.models import build_draft, build_preset, get_preset, load_tokenizer  # noqa: E402
 from specmoe_ext.models.config import ModelArgs  # noqa: E402
 from specmoe_ext.models.loader import check_device_memory, empty_model, param_bytes, resolve_dtype  # noqa: E402
 from specmoe_ext.models.presets import TINY_DIR  # noqa: E402
-from specmoe_ext.spec import BudgetConfig, ModelDrafter, SpecEngine, TreeSpec  # noqa: E402
-from specmoe_ext.spec.controller import CascadeController, parse_candidates  # noqa: E402
-from specmoe_ext.spec.drafters import ControlledDrafter  # noqa: E402
-from specmoe_ext.spec.engine import controller_report  # noqa: E402
+from specmoe_ext.speculative import BudgetConfig, ModelDrafter, SpecEngine, TreeSpec, generate  # noqa: E402
+from specmoe_ext.speculative.controller import CascadeController, parse_candidates  # noqa: E402
+from controlled import ControlledDrafter  # noqa: E402
 
 # The draft model whose forward passes the controlled drafter pays for: Qwen3-0.6B's published shape (same
 # tokenizer family as Qwen3-30B-A3B); vocab_size is set to the target's. Random weights (seeded).
@@ -446,16 +445,14 @@ def main(argv=None) -> int:
             bar.update(1 + len(plan))
             continue
         try:
-            ar_cache = KVCache.for_model(target, bs, P + N + extra)
-            ref = generate(target, prompts, N + extra, cache=ar_cache)          # reference + warm-up + graph capture
-            ar, ar_times = timed_runs(lambda: generate(target, prompts, N, cache=ar_cache), a.repeats, dev)
+            ref = generate(target, prompts, N + extra)          # reference + warm-up + graph capture (kept)
+            ar, ar_times = timed_runs(lambda: generate(target, prompts, N), a.repeats, dev)
             ref_tokens = [r[:N] for r in ref.tokens]
             ar_row.update(rates(ar, bs), cuda_graph=ar.cuda_graph,
                           step_ms=round(1e3 * ar.decode_s / max(1, ar.decode_steps), 4),
                           decode_ms_runs=[round(1e3 * x, 3) for x in ar_times],
                           matches_reference_run=ar.tokens == ref_tokens)
             references = [list(p) + list(o) for p, o in zip(prompts, ref.tokens)]
-            del ar_cache
             free(dev)
         except Exception as e:                       # keep going: other batch sizes are still worth having
             ar_row.update(speedup=None, error=f"{type(e).__name__}: {e}")

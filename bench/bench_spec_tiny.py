@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import write_results  # noqa: E402
 
-from specmoe_ext.models import build_draft, build_preset, generate, load_tokenizer  # noqa: E402
+from specmoe_ext.models import build_draft, build_preset, load_tokenizer  # noqa: E402
 from specmoe_ext.models.presets import TINY_DIR  # noqa: E402
-from specmoe_ext.spec import BudgetConfig, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine  # noqa: E402
+from specmoe_ext.speculative import BudgetConfig, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine, generate  # noqa: E402
 
 PROMPTS = ["Return a new", 'def parse(text):\n    """Parse the', "The default value of the",
            "Raise ValueError if the", "Return True if the object is", "This module provides",

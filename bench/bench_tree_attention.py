@@ -28,7 +28,8 @@ from common import measure_copy_bandwidth, print_table, time_graph, write_result
 
 from specmoe_ext import ops  # noqa: E402
 from specmoe_ext.models.model import attention as sdpa_attention  # noqa: E402
-from specmoe_ext.spec.tree import ancestor_bitmask, unpack_bits  # noqa: E402
+from specmoe_ext.masks import unpack_bits  # noqa: E402
+from specmoe_ext.speculative.tree import ancestor_bitmask  # noqa: E402
 
 L2_CYCLE_BYTES = 256 << 20
 

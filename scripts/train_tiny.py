@@ -158,7 +158,7 @@ def run_training(model: Transformer, data: torch.Tensor, steps: int, lr: float, 
         for grp in opt.param_groups:
             grp["lr"] = cur_lr
         router = _RecordingRouter()
-        logits = model(x, pos, moe=MoEControl(router=router, impl="loop"))
+        logits = model(x, pos, moe=MoEControl(router=router, impl="loop"))[0]
         loss = F.cross_entropy(logits.reshape(-1, args.vocab_size).float(), y.reshape(-1))
         ce = loss.item()
         if router.logits:
@@ -188,7 +188,7 @@ def run_training(model: Transformer, data: torch.Tensor, steps: int, lr: float, 
 def eval_ce(model: Transformer, data: torch.Tensor, T: int = 256, n: int = 16) -> float:
     g = torch.Generator().manual_seed(1234)
     x, y = next(batches(data, n, T, g))
-    logits = model(x, torch.arange(T).expand(n, T), moe=MoEControl(impl="loop"))
+    logits = model(x, torch.arange(T).expand(n, T), moe=MoEControl(impl="loop"))[0]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).item()
 
 

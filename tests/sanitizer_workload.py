@@ -67,9 +67,32 @@ def accept_and_compact():
     ops.kv_compact(cache, torch.tensor([10, 20], device="cuda"), path, n)
 
 
+def philox_uniform():
+    seed, offset = torch.arange(3, device="cuda") * 7 + 1, torch.tensor([0, 5, 1 << 40], device="cuda")
+    for n, stream in [(1, 1), (999, 2), (4096, 17)]:
+        ops.philox_uniform(seed, offset, n, stream)
+
+
+def speculative_steps():
+    """The whole device-resident step (drafting, verification, commit) on the tiny pair in bf16, eagerly:
+    every drafter kind, greedy and both sampled rules, a budget, a batch that shrinks."""
+    from specmoe_ext.models import SamplingParams, build_draft, build_preset
+    from specmoe_ext.speculative import BudgetConfig, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine
+    t, d = build_preset("tiny", "cuda", "bfloat16"), build_draft("tiny", "cuda", "bfloat16")
+    prompts = [[5, 6, 7, 8, 5, 6, 7], [100, 200, 300], [42]]
+    greedy, sampled = SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, seed=1)
+    for drafter, tree, sp, budget in [(ModelDrafter(d, t), "chain:4", greedy, None),
+                                      (ModelDrafter(d, t), "static:2,2", sampled, BudgetConfig(4)),
+                                      (SelfDrafter(t, 4), "dynamic:topk=2,depth=3,tokens=6", sampled, None),
+                                      (NGramDrafter(2048, 3), "chain:3", greedy, None)]:
+        SpecEngine(t, drafter, tree, budget, cuda_graph=False).generate(prompts, 10, sp, stop_ids=[14])
+
+
 if __name__ == "__main__":
     routing_and_moe()
     tree_attention()
     accept_and_compact()
+    philox_uniform()
+    speculative_steps()
     torch.cuda.synchronize()
     print("sanitizer workload done")

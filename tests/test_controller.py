@@ -5,8 +5,8 @@ from collections import Counter, deque
 
 import pytest
 
-from specmoe_ext.spec.controller import OFF, CascadeController, ControllerBank, Setting, make_candidates
-from specmoe_ext.spec.perf_model import PerfProfile, expected_tokens_per_step
+from specmoe_ext.speculative.controller import OFF, CascadeController, ControllerBank, Setting, make_candidates
+from specmoe_ext.speculative.perf_model import PerfProfile, expected_tokens_per_step
 
 CANDS = make_candidates(ks=(0, 1, 2, 4, 8), budgets=(None, 16))
 

@@ -1,4 +1,4 @@
-"""The controlled-acceptance drafter (spec.drafters.ControlledDrafter) and bench/bench_e2e.py's CPU path.
+"""The controlled-acceptance drafter (bench/controlled.py) and bench/bench_e2e.py's CPU path.
 
 Shape legend: bs prompts, N new tokens per prompt, gamma chain length, alpha per-token acceptance rate.
 """
@@ -12,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from specmoe_ext.models import generate, load_tokenizer
+from specmoe_ext.models import load_tokenizer
 from specmoe_ext.models.presets import TINY_DIR
-from specmoe_ext.spec import SpecEngine
-from specmoe_ext.spec.drafters import ControlledDrafter
+from specmoe_ext.speculative import SpecEngine, generate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from controlled import ControlledDrafter  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Return a new", "The default value of the", "Raise ValueError if the", "This module provides",
          "Create a new instance of the", "If the file does not exist,", "Return True if the object is",
          "Read the contents of"]

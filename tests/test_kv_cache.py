@@ -1,4 +1,4 @@
-"""KVCache: per-request lengths, reservation with capacity checks before any write, compaction.
+"""KVCache: per-request lengths, geometry with capacity checks before any write, rows leaving, compaction.
 
 Shape legend: L layers, bs requests, Hk kv heads, S capacity, d head dim, T tokens, n moved entries.
 """
@@ -9,7 +9,10 @@ import torch
 
 from conftest_models import hf_checkpoint, prompts
 
-from specmoe_ext.models import CacheCapacityError, KVCache, generate, load_model, prefill, tree_mask
+from specmoe_ext import ops
+from specmoe_ext.masks import causal_bits
+from specmoe_ext.models import CacheCapacityError, Geometry, KVCache, load_model, prefill, tree_mask
+from specmoe_ext.speculative import generate
 
 
 def _filled_cache(bs=2, S=10, L=2, Hk=2, d=4):
@@ -30,11 +33,19 @@ def _assert_unchanged(c, snap):
     assert torch.equal(c.lengths, lengths) and c.host_lengths() == host
 
 
-def test_reserve_gives_per_request_slots_and_advance_commits():
+def test_geometry_gives_per_request_slots_and_advance_commits():
     c = _filled_cache()
     c.set_lengths([3, 7])
-    assert c.reserve(2).tolist() == [[3, 4], [7, 8]]
-    assert c.reserve([1, 3]).tolist() == [[3, 3, 3], [7, 8, 9]]     # short rows repeat their last slot
+    geo = c.append(2)
+    assert geo.slots.tolist() == [[3, 4], [7, 8]] and torch.equal(geo.positions, geo.slots)
+    assert geo.mask.shape == (2, 2, 10) and geo.mask[1, 0, :8].all() and not geo.mask[1, 0, 8:].any()
+    depth = torch.tensor([[0, 1, 1], [0, 1, 2]])
+    bits = torch.tensor([[[1], [3], [5]], [[1], [3], [7]]], dtype=torch.int32)   # a star and a chain
+    t = c.tree_geometry(depth, bits)
+    assert t.slots.tolist() == [[3, 4, 5], [7, 8, 9]] and t.positions.tolist() == [[3, 4, 4], [7, 8, 9]]
+    assert t.mask.dense(10)[0, 2].tolist() == [True] * 3 + [True, False, True] + [False] * 4
+    w = c.tree_geometry(torch.arange(2).expand(2, 2), causal_bits(2).expand(2, 2, 1), prefix=c.lengths - 1, offset=1)
+    assert w.slots.tolist() == [[3, 4], [7, 8]] and w.positions.tolist() == [[2, 3], [6, 7]]
     c.advance([1, 2])
     assert c.host_lengths() == [4, 9] and c.lengths.tolist() == [4, 9]
     c.advance(1)
@@ -46,7 +57,7 @@ def test_capacity_error_before_any_write_leaves_cache_untouched():
     c.set_lengths([3, 8])
     snap = _snapshot(c)
     with pytest.raises(CacheCapacityError, match=r"request 1 .*needs 11 slots but its capacity is 10"):
-        c.reserve(3)
+        c.append(3)
     with pytest.raises(CacheCapacityError, match="request 1"):
         c.advance([0, 3])
     with pytest.raises(CacheCapacityError):
@@ -64,41 +75,30 @@ def test_generate_with_too_small_cache_fails_before_writing():
         t.fill_(7.0)
     c.set_lengths([4, 4])
     snap = _snapshot(c)
-    with pytest.raises(ValueError, match="capacity 12, need batch 2 / capacity 15"):
+    with pytest.raises(CacheCapacityError, match="capacity 12, need batch 2 / capacity 16"):
         generate(model, prompts((5, 3)), 10, cache=c)
     _assert_unchanged(c, snap)
-    with pytest.raises(CacheCapacityError):      # the forward-level protocol: reserve before writing
-        c.reserve(9)
+    with pytest.raises(CacheCapacityError):      # the forward-level protocol: geometry before writing
+        c.append(9)
     _assert_unchanged(c, snap)
 
 
-def test_compact_moves_entries_in_every_layer_with_overlap():
-    c = _filled_cache()
+def test_keep_rows_and_reset_rows_keep_addresses():
+    """Rows leaving move in place and leave views of the same buffers (graph-stable addresses); reset_rows
+    brings back the whole batch."""
+    c = _filled_cache(bs=4)
+    c.set_lengths([1, 2, 3, 4])
     before = [t.clone() for t in c.k + c.v]
-    c.compact(1, [5, 6, 8], [4, 5, 6])          # overlapping: 5 is both read and written
+    ptrs = [t.data_ptr() for t in c.k + c.v] + [c.lengths.data_ptr()]
+    c.keep_rows([1, 3])
+    assert c.batch_size == 2 and c.host_lengths() == [2, 4] and c.lengths.tolist() == [2, 4]
     for old, new in zip(before, c.k + c.v):
-        assert torch.equal(new[1, :, 4], old[1, :, 5])
-        assert torch.equal(new[1, :, 5], old[1, :, 6])
-        assert torch.equal(new[1, :, 6], old[1, :, 8])
-        assert torch.equal(new[0], old[0])                       # other request untouched
-        keep = [i for i in range(10) if i not in (4, 5, 6)]
-        assert torch.equal(new[1, :, keep], old[1, :, keep])
-
-
-@pytest.mark.parametrize("src,dst,err,msg", [
-    ([1, 2], [3], ValueError, "2 source slots but 1 destinations"),
-    ([1, 10], [2, 3], CacheCapacityError, "source slot outside"),
-    ([1, 2], [-1, 3], CacheCapacityError, "destination slot outside"),
-    ([1, 2], [3, 3], ValueError, "duplicate destination"),
-])
-def test_compact_rejects_bad_slots_without_writing(src, dst, err, msg):
-    c = _filled_cache()
-    snap = _snapshot(c)
-    with pytest.raises(err, match=msg):
-        c.compact(0, src, dst)
-    with pytest.raises(IndexError):
-        c.compact(5, [1], [2])
-    _assert_unchanged(c, snap)
+        assert torch.equal(new[0], old[1]) and torch.equal(new[1], old[3])
+    assert [t.data_ptr() for t in c.k + c.v] + [c.lengths.data_ptr()] == ptrs
+    with pytest.raises(ValueError, match="strictly ascending"):
+        c.keep_rows([1, 0])
+    c.reset_rows()
+    assert c.batch_size == 4 and c.full_batch_size == 4 and c.lengths.tolist() == [0] * 4
 
 
 def test_accepted_tree_path_compaction_then_decode_matches_causal():
@@ -125,15 +125,16 @@ def test_accepted_tree_path_compaction_then_decode_matches_causal():
     with torch.no_grad():
         prefill(model, [prefix], cache)
         L = cache.host_lengths()[0]
-        slots = cache.reserve(T)
+        slots = L + torch.arange(T)[None]
         mask = tree_mask(torch.tensor([L]), slots, anc[None], cache.capacity)
-        model(tree, torch.tensor([L]) + depth[None], cache, slots, mask)
-        cache.compact(0, [L + i for i in accepted], list(range(L, L + len(accepted))))
-        cache.advance(len(accepted))
-        cache.reserve(1)
-        got = model.decode_step(torch.tensor([[nxt]]), cache)[0]
+        model(tree, Geometry(torch.tensor([L]) + depth[None], slots, mask), cache)
+        path = torch.tensor([accepted + [-1] * (T - len(accepted))])
+        ops.kv_compact(cache.k + cache.v, cache.lengths, path, torch.tensor([len(accepted) - 1]))
+        cache.note_device_advance([L + len(accepted)])
+        geo = cache.tree_geometry(torch.zeros(1, 1, dtype=torch.long), causal_bits(1)[None])
+        got = model(torch.tensor([[nxt]]), geo, cache)[0][0, 0]
         seq = prefix + tree[0, accepted].tolist() + [nxt]
-        ref = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, -1]
+        ref = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0][0, -1]
     torch.testing.assert_close(got, ref, atol=3e-5, rtol=1e-4)
 
 

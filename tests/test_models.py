@@ -13,9 +13,9 @@ import torch
 
 from conftest_models import FAMILIES, MOE_FAMILIES, hf_checkpoint, hf_model_in, prompts
 
-from specmoe_ext.models import (KVCache, MoEControl, SamplingParams, generate, load_model, moe_experts,
-                                tree_mask)
-from specmoe_ext.models.model import causal_mask
+from specmoe_ext.models import KVCache, MoEControl, SamplingParams, load_model, moe_experts, tree_mask
+from specmoe_ext.speculative import generate
+from specmoe_ext.models.kv_cache import Geometry
 from specmoe_ext.models.presets import PRESETS, build_preset
 from specmoe_ext import ops, reference
 
@@ -28,12 +28,12 @@ def _batched_logits(model, plist, capacity=64):
     P = max(map(len, plist))
     dev = model.tok_embeddings.weight.device
     cache = KVCache.for_model(model, len(plist), capacity)
-    slots = cache.reserve(P)
+    geo = cache.append(P)
     toks = torch.zeros(len(plist), P, dtype=torch.long)
     for b, p in enumerate(plist):
         toks[b, :len(p)] = torch.tensor(p)
     with torch.no_grad():
-        out = model(toks.to(dev), slots, cache, slots, causal_mask(slots, cache.capacity))
+        out, _ = model(toks.to(dev), geo, cache)
     return [out[b, :len(p)].float().cpu() for b, p in enumerate(plist)]
 
 
@@ -103,17 +103,18 @@ def test_incremental_decode_equals_full_forward(family):
     path, _ = hf_checkpoint(family)
     model = load_model(path, "cpu", "float32")
     seq = prompts((14,))[0]
-    full = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0]
+    full = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0][0]
     cache = KVCache.for_model(model, 1, 32)
     from specmoe_ext.models import prefill
+    from specmoe_ext.masks import causal_bits
     with torch.no_grad():
-        first = prefill(model, [seq[:6]], cache)
+        first, _ = prefill(model, [seq[:6]], cache)
         torch.testing.assert_close(first[0], full[5], atol=2e-5, rtol=1e-4)
-        for i in range(6, len(seq)):
-            cache.reserve(1)
-            logits = model.decode_step(torch.tensor([[seq[i]]]), cache)
+        for i in range(6, len(seq)):                    # the decode geometry: one node at slot = position = L
+            geo = cache.tree_geometry(torch.zeros(1, 1, dtype=torch.long), causal_bits(1)[None])
+            logits, _ = model(torch.tensor([[seq[i]]]), geo, cache)
             cache.advance(1)
-            torch.testing.assert_close(logits[0], full[i], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(logits[0, 0], full[i], atol=2e-5, rtol=1e-4)
 
 
 def _tree():
@@ -156,14 +157,14 @@ def test_tree_forward_equals_root_to_leaf_paths(family):
     with torch.no_grad():
         prefill(model, prefixes, cache)
         plens = torch.tensor(cache.host_lengths())
-        slots = cache.reserve(T)                                   # prefix_len + i
+        slots = plens[:, None] + torch.arange(T)                   # prefix_len + i
         positions = plens[:, None] + depth[None, :]                # prefix_len + depth
         mask = tree_mask(plens, slots, anc.expand(2, T, T), cache.capacity)
-        logits = model(tree_tokens, positions, cache, slots, mask)
+        logits, _ = model(tree_tokens, Geometry(positions, slots, mask), cache)
         for b in range(2):
             for pth in paths:
                 seq = prefixes[b] + tree_tokens[b, pth].tolist()
-                ref = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0, len(prefixes[b]):]
+                ref = model(torch.tensor([seq]), torch.arange(len(seq))[None])[0][0, len(prefixes[b]):]
                 torch.testing.assert_close(logits[b, pth], ref, atol=3e-5, rtol=1e-4)
 
 
@@ -216,14 +217,14 @@ def test_budget_control_and_routing_record(family):
     pos = torch.arange(10)[None]
     with torch.no_grad():
         rec: list = []
-        plain = model(toks, pos, moe=MoEControl(record=rec))
-        full = model(toks, pos, moe=MoEControl(budget=a.n_experts))
+        plain = model(toks, pos, moe=MoEControl(record=rec))[0]
+        full = model(toks, pos, moe=MoEControl(budget=a.n_experts))[0]
         torch.testing.assert_close(plain, full, atol=0, rtol=0)
         assert [layer for layer, _ in rec] == [i for i, m in enumerate(a.moe_layers) if m]
         assert all(r.ids.shape == (10, a.top_k) for _, r in rec)
         rec_b: list = []
         B = a.top_k
-        budgeted = model(toks, pos, moe=MoEControl(budget=B, record=rec_b))
+        budgeted = model(toks, pos, moe=MoEControl(budget=B, record=rec_b))[0]
         assert all(int(r.experts_loaded()) <= B for _, r in rec_b)
         assert any(int(r.experts_loaded()) > B for _, r in rec)   # the budget had something to cut
         assert not torch.allclose(budgeted, plain)
@@ -245,8 +246,8 @@ def test_router_override_uses_reference():
     model = load_model(path, "cpu", "float32")
     toks, pos = torch.tensor(prompts((7,))[0])[None], torch.arange(7)[None]
     with torch.no_grad():
-        a = model(toks, pos)
-        b = model(toks, pos, moe=MoEControl(router=reference.route_budget))
+        a = model(toks, pos)[0]
+        b = model(toks, pos, moe=MoEControl(router=reference.route_budget))[0]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -312,7 +313,7 @@ def test_tiny_pair_is_a_trained_checkpoint():
     x = torch.tensor([ids])
     pos = torch.arange(len(ids))[None]
     with torch.no_grad():
-        lt, ld = target(x, pos)[0], draft(x, pos)[0]
+        lt, ld = target(x, pos)[0][0], draft(x, pos)[0][0]
         for d, ours in ((p.path, lt), (p.draft_path, ld)):
             hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
             torch.testing.assert_close(hf(x).logits[0], ours, atol=1e-4, rtol=1e-4)

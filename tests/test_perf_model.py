@@ -9,7 +9,7 @@ import pytest
 # only fit() needs scipy; everything else is tested without it
 needs_scipy = pytest.mark.skipif(importlib.util.find_spec("scipy") is None, reason="fit needs scipy")
 
-from specmoe_ext.spec.perf_model import (PARAM_NAMES, best_setting, default_plan, PerfProfile, Point, default_bounds, expected_tokens_per_step,
+from specmoe_ext.speculative.perf_model import (PARAM_NAMES, best_setting, default_plan, PerfProfile, Point, default_bounds, expected_tokens_per_step,
                                          experts_activated, fit, full_activation_threshold, mape,
                                          roofline_growth, synthetic_points, tokens_per_active_expert)
 

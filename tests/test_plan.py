@@ -10,7 +10,7 @@ import json
 import pytest
 
 from specmoe_ext.cli import build_parser, main
-from specmoe_ext.spec.perf_model import PerfProfile
+from specmoe_ext.speculative.perf_model import PerfProfile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from specmoe_ext.cli import main
-from specmoe_ext.spec import SpecEngine, make_drafter
-from specmoe_ext.spec.controller import CascadeController, Setting, make_candidates, parse_candidates
-from specmoe_ext.spec.perf_model import PerfProfile
+from specmoe_ext.speculative import SpecEngine, make_drafter
+from specmoe_ext.speculative.controller import CascadeController, Setting, make_candidates, parse_candidates
+from specmoe_ext.speculative.perf_model import PerfProfile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,7 +48,9 @@ def test_auto_with_budget_candidates(capsys):
                 "--spec-test-steps", "1", "--budget-policy", "truncate")
     c = out["speculative"]["controller"]
     assert c["candidates"] == ["k=0", "k=2", "k=2,budget=4"]
-    assert [2, 4, 1] in c["settings_over_time"][:3]
+    # the first test phase runs each candidate (observations arrive a step late: the lagging one may get more)
+    assert [k for k, _, _ in c["settings_over_time"][:3]] == [0, 2, 2]
+    assert c["settings_over_time"][2][1] == 4
     assert main([*BASE, "--draft", "model", "--spec", "auto", "--device", "cpu", "--no-progress"]) == 0
     assert "--spec auto settings over time" in capsys.readouterr().err
 

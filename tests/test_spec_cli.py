@@ -92,14 +92,21 @@ def test_help_documents_the_flags(capsys):
         assert flag in text, flag
 
 
-def test_demo_runs_all_three_modes(capsys):
-    out = _json(capsys, "demo", "--max-new-tokens", "12")
+def test_demo_runs_every_mode_and_gives_a_verdict(capsys):
+    out = _json(capsys, "demo", "--max-new-tokens", "12", "--repeats", "2")
     runs = {r["run"]: r for r in out["runs"]}
-    assert list(runs) == ["autoregressive", "speculative", "speculative + budget B=4"]
+    assert list(runs) == ["autoregressive", "speculative", "speculative + budget B=4", "speculative, --spec auto"]
     assert runs["speculative"]["matches_autoregressive"] is True
+    assert runs["speculative, --spec auto"]["matches_autoregressive"] is True
+    assert all(len(r["tokens_per_s_runs"]) == 2 for r in runs.values())
     b = runs["speculative + budget B=4"]
     assert max(b["experts_loaded_per_layer"]) <= 4 and b["config"]["budget"]["budget"] == 4
-    assert out["experts"] == 8 and out["draft"] == "model"
-    assert main(["demo", "--max-new-tokens", "6", "--device", "cpu", "--draft", "ngram", "--budget", "2"]) == 0
+    assert out["experts"] == 8 and out["draft"] == "model" and out["repeats"] == 2
+    v = out["verdict"]
+    assert v["speculation_pays"] == (runs["speculative"]["tokens_per_s"] > runs["autoregressive"]["tokens_per_s"])
+    assert sum(v["auto_steps_per_setting"].values()) == sum(n for *_, n in runs["speculative, --spec auto"]["settings_over_time"])
+    assert main(["demo", "--max-new-tokens", "6", "--device", "cpu", "--draft", "ngram", "--budget", "2",
+                 "--repeats", "1"]) == 0
     text = capsys.readouterr().out
     assert "autoregressive" in text and "speculative + budget B=2" in text and "touched" in text
+    assert "speculation pays here" in text or "speculation does NOT pay here" in text

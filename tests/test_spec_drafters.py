@@ -14,14 +14,15 @@ import shutil
 import pytest
 import torch
 
-from specmoe_ext.models import KVCache, MoEControl, build_draft, build_preset, generate, load_tokenizer, prefill
+from specmoe_ext.masks import causal_bits, causal_mask
+from specmoe_ext.models import (Geometry, KVCache, MoEControl, SamplingParams, build_draft, build_preset,
+                                load_tokenizer, prefill)
 from specmoe_ext.models.loader import CheckpointError
-from specmoe_ext.models.model import ExpertStats, causal_mask
+from specmoe_ext.models.model import ExpertStats
 from specmoe_ext.models.presets import TINY_DIR
-from specmoe_ext.spec import (DraftVocabError, Eagle3Drafter, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine,
-                              expert_affinity, load_eagle3, make_drafter, save_random_eagle3)
-from specmoe_ext.spec.drafters import _NGramIndex, check_same_vocab
-from specmoe_ext.spec.tree import TreeSpec
+from specmoe_ext.speculative import (DraftVocabError, Eagle3Drafter, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine,
+                                     expert_affinity, generate, load_eagle3, make_drafter, save_random_eagle3)
+from specmoe_ext.speculative.drafters import check_same_vocab
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -39,26 +40,43 @@ def eagle_dir(tmp_path_factory, tiny):
                               std=0.2, seed=3)
 
 
-def _chain_tokens(engine, state):
-    tree = engine.drafter.draft(engine.spec)
+def _chain_tokens(engine, batch):
+    """The drafter's proposal for the batch as it stands (drafting again is idempotent: it writes only
+    past the committed tokens)."""
+    batch.prefix.copy_(batch.cache.lengths)
+    with torch.no_grad():
+        tree = engine.drafter.propose(batch, engine.plan(SamplingParams()))
     return tree.tokens[:, 1:].tolist()
+
+
+def _decode(model, cache, tok, moe=None):
+    """One plain decode step at position = slot = cache.lengths -> logits [bs, V]."""
+    bs = tok.shape[0]
+    geo = cache.tree_geometry(torch.zeros(bs, 1, dtype=torch.long), causal_bits(1).expand(bs, 1, 1))
+    out = model(tok, geo, cache, moe)[0][:, 0]
+    cache.advance(1)
+    return out
 
 
 # ---- dense draft model ----------------------------------------------------------------------------------
 
-def test_model_drafter_chain_is_the_draft_models_greedy_continuation(tiny, prompts):
-    """First step (catch-up = the whole prompt) and after steps (catch-up of accepted + bonus tokens,
-    tree nodes of the rejected drafts overwritten): the chain equals greedy decoding of the draft alone."""
+@pytest.mark.parametrize("tree", ["chain:4", "static:2,2,1"])
+def test_model_drafter_chain_is_the_draft_models_greedy_continuation(tiny, prompts, tree):
+    """First step (prompt prefilled, catch-up of 2 tokens) and after steps (accepted drafts compacted in the
+    draft cache, catch-up of the last 2 committed tokens, rejected nodes overwritten): the best path equals
+    greedy decoding of the draft alone."""
     target, draft = tiny
-    from specmoe_ext.models.generate import SamplingParams
-    eng = SpecEngine(target, ModelDrafter(draft, target), "chain:4")
+    eng = SpecEngine(target, ModelDrafter(draft, target), tree)
     cache = KVCache.for_model(target, 3, 128)
-    state = eng.start(prompts, SamplingParams(), cache)
+    batch = eng.start(prompts, SamplingParams(), 40, cache=cache)
     for step in range(4):
-        got = _chain_tokens(eng, state)
-        want = generate(draft, state.ctx, 4, cuda_graph=False).tokens
+        got = [row[:1] for row in _chain_tokens(eng, batch)]
+        want = generate(draft, [batch.context(b) for b in range(3)], 1, cuda_graph=False).tokens
         assert got == want, step
-        eng.step(state)                                   # drafts again (idempotent), verifies, commits
+        if tree.startswith("chain"):
+            want4 = generate(draft, [batch.context(b) for b in range(3)], 4, cuda_graph=False).tokens
+            assert _chain_tokens(eng, batch) == want4, step
+        eng.step(batch)                                   # drafts again (idempotent), verifies, commits
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tiny, tmp_path):
@@ -112,9 +130,9 @@ def test_expert_map_equals_substituting_the_weights(tiny):
         for layer in clone.layers:
             layer.ffn.w13.copy_(layer.ffn.w13[emap])
             layer.ffn.w2.copy_(layer.ffn.w2[emap])
-        got = target(toks, pos, moe=MoEControl(expert_map=maps))
-        want = clone(toks, pos)
-        plain = target(toks, pos)
+        got = target(toks, pos, moe=MoEControl(expert_map=maps))[0]
+        want = clone(toks, pos)[0]
+        plain = target(toks, pos)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, plain, atol=1e-3)
 
@@ -128,9 +146,9 @@ def test_token_mask_and_expert_stats(tiny):
     mask[[3, 4, 12]] = False
     with torch.no_grad():
         s_all, s_masked = ExpertStats(), ExpertStats(mask=mask)
-        plain = target(toks, pos, moe=MoEControl(stats=s_all))
+        plain = target(toks, pos, moe=MoEControl(stats=s_all))[0]
         rec: list = []
-        masked = target(toks, pos, moe=MoEControl(token_mask=mask, stats=s_masked, record=rec))
+        masked = target(toks, pos, moe=MoEControl(token_mask=mask, stats=s_masked, record=rec))[0]
     # tokens are independent in the MoE, but attention mixes positions: compare the positions BEFORE the
     # first masked one in each row (row 0: < 3; row 1: < 3 as 12 = 9 + 3)
     torch.testing.assert_close(masked[:, :3], plain[:, :3], atol=1e-5, rtol=1e-5)
@@ -152,9 +170,8 @@ def test_token_mask_and_expert_stats(tiny):
 def test_hidden_capture(tiny):
     target, _ = tiny
     toks, pos = torch.tensor([[1, 2, 3, 4]]), torch.arange(4)[None]
-    out: list = []
     with torch.no_grad():
-        logits = target(toks, pos, hidden_layers=(1, 4, 0), hidden_out=out)
+        logits, out = target(toks, pos, hidden_layers=(1, 4, 0))
         x = target.tok_embeddings(toks)
         from specmoe_ext.models.rope import rope_cos_sin
         cos, sin = rope_cos_sin(pos, target.inv_freq, target.rope_scale, x.dtype)
@@ -165,7 +182,7 @@ def test_hidden_capture(tiny):
     torch.testing.assert_close(out[2], x)
     torch.testing.assert_close(torch.nn.functional.linear(target.norm(out[1]), target.output_weight()), logits)
     with pytest.raises(ValueError, match="hidden_layers must lie in"):
-        target(toks, pos, hidden_layers=(9,), hidden_out=[])
+        target(toks, pos, hidden_layers=(9,))
 
 
 def test_keep_rows_moves_only_surviving_requests():
@@ -196,7 +213,7 @@ def test_affinity_and_resident_mapping(tiny):
     d = SelfDrafter(target, n_resident=3, refresh=2)
     heat = torch.zeros(4, 8)
     heat[:, [6, 2, 5]] = torch.tensor([50.0, 40.0, 30.0])
-    d.observe(heat)
+    d.heat.copy_(heat)
     d._refresh()
     assert d.resident.tolist() == [[2, 5, 6]] * 4
     for j, layer in enumerate(d.moe_layers):
@@ -209,26 +226,24 @@ def test_affinity_and_resident_mapping(tiny):
 
 def test_self_drafter_chain_is_the_restricted_targets_greedy_continuation(tiny, prompts):
     target, _ = tiny
-    from specmoe_ext.models.generate import SamplingParams
     eng = SpecEngine(target, SelfDrafter(target, n_resident=3, refresh=1), "chain:3")
-    state = eng.start(prompts, SamplingParams(), KVCache.for_model(target, 3, 128))
+    batch = eng.start(prompts, SamplingParams(), 40, cache=KVCache.for_model(target, 3, 128))
     for step in range(3):
-        got = _chain_tokens(eng, state)
+        got = _chain_tokens(eng, batch)
         # reference: the committed prefix with ALL experts (the drafter shares the target's exact KV), then
         # greedy decoding from the root with the resident-only expert map
+        ctx = [batch.context(b) for b in range(3)]
         ref_cache = KVCache.for_model(target, 3, 128)
         moe = MoEControl(expert_map=eng.drafter.maps)
         with torch.no_grad():
-            prefill(target, [c[:-1] for c in state.ctx], ref_cache)
-            tok = torch.tensor([[c[-1]] for c in state.ctx])
+            prefill(target, [c[:-1] for c in ctx], ref_cache)
+            tok = torch.tensor([[c[-1]] for c in ctx])
             ref = []
             for _ in range(3):
-                ref_cache.reserve(1)
-                tok = target.decode_step(tok, ref_cache, moe).argmax(-1, keepdim=True)
-                ref_cache.advance(1)
+                tok = _decode(target, ref_cache, tok, moe).argmax(-1, keepdim=True)
                 ref.append(tok[:, 0].tolist())
         assert got == [list(r) for r in zip(*ref)], step
-        eng.step(state)                                    # refresh=1: residents follow each verification
+        eng.step(batch)                                    # refresh=1: residents follow each verification
     assert eng.drafter.heat.sum() > 0
 
 
@@ -241,29 +256,56 @@ def test_self_drafter_with_all_experts_resident_accepts_everything(tiny, prompts
 
 # ---- n-gram -----------------------------------------------------------------------------------------------
 
-def test_ngram_index_longest_suffix_counts_and_recency():
-    ix = _NGramIndex(3)
-    ctx = [1, 2, 3, 9, 1, 2, 3, 7, 5, 2, 3, 8, 1, 2]
-    ix.extend(ctx)
-    e = ix.lookup(ctx[-3:], 1)                  # suffix (5? no) -> (1, 2) is the longest with a match... n=3: (8,1,2) unseen
-    assert e == {3: (2, 6)}                     # (1, 2) -> 3 twice, last seen at position 6
-    assert ix.lookup([2, 3], 1) == {9: (1, 3), 7: (1, 7), 8: (1, 11)}
-    assert ix.lookup([4], 1) is None
-    ix.extend(ctx + [3, 4])
-    assert ix.lookup([2, 3], 1)[4] == (1, 15)
+def _ngram_reference(ctx: list[int], tail: list[int], max_n: int, min_n: int, V: int) -> torch.Tensor:
+    """The n-gram rule on the host, straight from its definition: the longest n (max_n down to min_n,
+    n <= len(tail)) whose last n tail tokens occur earlier in ctx; every occurrence's next token counts,
+    score log(count) + 1e-3 * last position / (latest position + 1)."""
+    out = torch.full((V,), float("-inf"))
+    for n in range(min(max_n, len(tail)), min_n - 1, -1):
+        hits = [i for i in range(n, len(ctx)) if ctx[i - n:i] == tail[-n:]]
+        if hits:
+            latest = max(hits)
+            for tok in set(ctx[i] for i in hits):
+                occ = [i for i in hits if ctx[i] == tok]
+                out[tok] = float(torch.tensor(float(len(occ))).log()) + 1e-3 * max(occ) / (latest + 1)
+            return out
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ngram_device_matcher_equals_the_host_rule(seed):
+    """The device matcher (fixed shapes over the history buffer) gives the host rule's distribution for
+    random short-alphabet contexts (many repeats) and tails that extend the context with path tokens."""
+    g = torch.Generator().manual_seed(seed)
+    V, S, max_n = 6, 40, 3
+    d = NGramDrafter(V, max_n=max_n, min_n=1)
+    bs, F = 3, 4
+    hist = torch.randint(0, V, (bs, S), generator=g)
+    clen = torch.randint(2, S - 1, (bs,), generator=g)
+    tails = torch.randint(0, V, (bs, F, max_n), generator=g)
+    tails[:, 0, :1] = -1                                  # a shorter context: the first tail token absent
+    got = d.continuations(hist, clen, tails)
+    for b in range(bs):
+        ctx = hist[b, :int(clen[b])].tolist()
+        for f in range(F):
+            tail = [t for t in tails[b, f].tolist() if t >= 0]
+            want = _ngram_reference(ctx, tail, max_n, 1, V)
+            assert torch.equal(torch.isinf(got[b, f]), torch.isinf(want)), (b, f)
+            fin = torch.isfinite(want)
+            torch.testing.assert_close(got[b, f][fin], want[fin], atol=1e-6, rtol=1e-6)
 
 
 def test_ngram_drafter_proposes_the_continuation(tiny):
     target, _ = tiny
-    from specmoe_ext.models.generate import SamplingParams
     d = NGramDrafter(2048, max_n=3)
     prompt = [5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6]
     eng = SpecEngine(target, d, "chain:4")
-    state = eng.start([prompt], SamplingParams(), KVCache.for_model(target, 1, 64))
-    state.ctx[0][-1] = 6                        # force the root (first generated token) for a known answer
-    state.ctx[0][-2:] = [5, 6]
-    tree = d.draft(TreeSpec.parse("chain:4"))
-    assert tree.tokens[0, 1:].tolist() == [7, 8, 9, 5]
+    batch = eng.start([prompt], SamplingParams(), 30, cache=KVCache.for_model(target, 1, 64))
+    L = int(batch.cache.lengths[0])
+    batch.history[0, L] = 6                     # force the root (first generated token) for a known answer
+    batch.history[0, L - 1] = 5
+    batch.root.fill_(6)
+    assert _chain_tokens(eng, batch) == [[7, 8, 9, 5]]
 
 
 # ---- EAGLE-3 ------------------------------------------------------------------------------------------------
@@ -284,31 +326,33 @@ def test_eagle3_save_load_round_trip_and_layout(tiny, eagle_dir):
 
 def test_eagle3_drafter_chain_matches_a_sequential_reference(tiny, prompts, eagle_dir):
     """The drafter's chain equals running the head pair by pair: (target feature t, token t+1) at position
-    t for the prompt, then (previous head output, drafted token) -- argmax over the draft vocabulary."""
+    t for the prompt, then (previous head output, drafted token) -- argmax over the draft vocabulary; and
+    after steps (pairs fed in commit from the verification's features) the same holds for the context."""
     target, _ = tiny
-    from specmoe_ext.models.generate import SamplingParams
     head = load_eagle3(eagle_dir, target)
     eng = SpecEngine(target, Eagle3Drafter(head, target), "chain:3")
     p = prompts[1]
-    state = eng.start([p], SamplingParams(), KVCache.for_model(target, 1, 64))
-    got = eng.drafter.draft(eng.spec).tokens[0, 1:].tolist()
-    with torch.no_grad():
-        hid: list = []
-        target(torch.tensor([p]), torch.arange(len(p))[None], hidden_layers=head.capture_layers, hidden_out=hid)
-        feats = head.fuse(torch.cat(hid, -1))
-        toks = state.ctx[0][1:]                                       # x_1 .. x_P (x_P = the root)
-        cache = KVCache(1, 1, 2, 32, 64, torch.float32, "cpu")
-        pos = torch.arange(len(toks))[None]
-        out, logits = head(torch.tensor([toks]), feats, pos, cache, pos, causal_mask(pos, 64))
-        h, nxt = out[:, -1:], int(logits[0, -1].argmax())
-        want = [nxt]
-        for i in range(2):
-            s = torch.tensor([[len(toks) + i]])
-            h, lg = head(torch.tensor([[nxt]]), h, s, cache, s, causal_mask(s, 64))
-            nxt = int(lg[0, -1].argmax())
-            want.append(nxt)
-    assert got == want
-    assert set(got) <= set((head.d2t + torch.arange(512)).tolist())          # drafts stay in the draft vocabulary
+    batch = eng.start([p], SamplingParams(), 30, cache=KVCache.for_model(target, 1, 64))
+    for step in range(3):
+        got = _chain_tokens(eng, batch)[0]
+        ctx = batch.context(0)
+        with torch.no_grad():
+            _, hid = target(torch.tensor([ctx[:-1]]), torch.arange(len(ctx) - 1)[None], hidden_layers=head.capture_layers)
+            feats = head.fuse(torch.cat(hid, -1))
+            toks = ctx[1:]                                            # x_1 .. x_L (x_L = the root)
+            cache = KVCache(1, 1, 2, 32, 64, torch.float32, "cpu")
+            pos = torch.arange(len(toks))[None]
+            out, logits = head(torch.tensor([toks]), feats, Geometry(pos, pos, causal_mask(pos, 64)), cache)
+            h, nxt = out[:, -1:], int(logits[0, -1].argmax())
+            want = [nxt]
+            for i in range(2):
+                s_ = torch.tensor([[len(toks) + i]])
+                h, lg = head(torch.tensor([[nxt]]), h, Geometry(s_, s_, causal_mask(s_, 64)), cache)
+                nxt = int(lg[0, -1].argmax())
+                want.append(nxt)
+        assert got == want, step
+        assert set(got) <= set((head.d2t + torch.arange(512)).tolist())      # drafts stay in the draft vocabulary
+        eng.step(batch)
 
 
 @pytest.mark.parametrize("edit,msg", [

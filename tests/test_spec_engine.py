@@ -1,6 +1,7 @@
 """The speculative engine: lossless greedy output for every drafter x tree x batch size (budget off and
-B >= E), batches that shrink, KV compaction, bad input, seeded sampling, the target distribution at
-temperature > 0, and MoE-Spec budget statistics. GPU variants are marked `gpu`.
+B >= E), batches that shrink, the committed cache, bad input, seeded sampling (one seed, the same tokens
+through every CPU path), the target distribution at temperature > 0, and MoE-Spec budget statistics. GPU
+variants are marked `gpu`.
 
 Shape legend: bs requests, T tree nodes, V vocab (2048), E experts (8), K experts per token (2), L layers (4),
 Hk kv heads, S cache capacity, d head dim.
@@ -10,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specmoe_ext.models import (CacheCapacityError, KVCache, SamplingParams, build_draft, build_preset, generate,
+from specmoe_ext.models import (CacheCapacityError, KVCache, SamplingParams, build_draft, build_preset,
                                 load_tokenizer, prefill)
 from specmoe_ext.models.generate import process_logits
 from specmoe_ext.models.presets import TINY_DIR
-from specmoe_ext.spec import (BudgetConfig, Eagle3Drafter, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine,
-                              TreeSpecError, kv_compact, load_eagle3, save_random_eagle3)
+from specmoe_ext.speculative import (BudgetConfig, Eagle3Drafter, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine,
+                                     TreeSpecError, generate, load_eagle3, save_random_eagle3)
 
 gpu = pytest.mark.gpu
 
@@ -99,22 +100,31 @@ def test_requests_leave_when_they_stop(tiny, prompts):
 @pytest.mark.parametrize("kind", ["model", "self"])
 def test_cache_holds_exactly_the_committed_tokens(tiny, prompts, kind):
     """After speculative steps (tree written, path compacted, self-drafts written past the prefix), the
-    target cache's committed entries equal a fresh prefill of the committed tokens."""
+    target cache's committed entries equal a fresh prefill of the committed tokens, and so do the draft
+    model's (exact up to its catch-up point L - 1)."""
     target, draft = tiny
     eng = SpecEngine(target, make(kind, target, draft, None), "static:2,2")
     cache = KVCache.for_model(target, 3, 96)
-    state = eng.start(prompts, SamplingParams(), cache)
+    batch = eng.start(prompts, SamplingParams(), 40, cache=cache)
     for _ in range(4):
-        eng.step(state)
-    L = cache.host_lengths()
-    assert L == [len(c) - 1 for c in state.ctx]
+        eng.step(batch)
+    L = cache.lengths.tolist()
+    ctx = [batch.context(b) for b in range(3)]
+    assert L == [len(c) - 1 for c in ctx] == cache.host_lengths()
     fresh = KVCache.for_model(target, 3, 96)
     with torch.no_grad():
-        prefill(target, [c[:-1] for c in state.ctx], fresh)
-    for layer in range(4):
-        for b in range(3):
-            for got, want in ((cache.k, fresh.k), (cache.v, fresh.v)):
-                torch.testing.assert_close(got[layer][b, :, :L[b]], want[layer][b, :, :L[b]], atol=2e-5, rtol=1e-4)
+        prefill(target, [c[:-1] for c in ctx], fresh)
+    caches = [(cache, fresh, L)]
+    if kind == "model":
+        dfresh = KVCache.for_model(draft, 3, 96)
+        with torch.no_grad():
+            prefill(draft, [c[:-1] for c in ctx], dfresh)
+        caches.append((eng.drafter.cache, dfresh, [n - 1 for n in L]))
+    for got_c, want_c, n in caches:
+        for layer in range(len(got_c.k)):
+            for b in range(3):
+                for got, want in ((got_c.k, want_c.k), (got_c.v, want_c.v)):
+                    torch.testing.assert_close(got[layer][b, :, :n[b]], want[layer][b, :, :n[b]], atol=2e-5, rtol=1e-4)
 
 
 def _snapshot(cache):
@@ -127,40 +137,16 @@ def _assert_unchanged(cache, snap):
     assert all(torch.equal(a, b) for a, b in zip(cache.k + cache.v, ts))
 
 
-def test_kv_compact_moves_exactly_the_accepted_entries():
-    g = torch.Generator().manual_seed(0)
-    c = KVCache(2, 2, 2, 4, 24, torch.float32, "cpu")
-    for t in c.k + c.v:
-        t.copy_(torch.randn(t.shape, generator=g))
-    c.set_lengths([5, 9])
-    before = [t.clone() for t in c.k + c.v]
-    path = torch.tensor([[0, 2, 5, 6], [0, 3, -1, -1]])
-    kv_compact(c, [5, 9], path, [3, 1])
-    assert c.host_lengths() == [9, 11]
-    for t, o in zip(c.k + c.v, before):
-        assert torch.equal(t[0, :, :6], o[0, :, :6])                        # prefix + root untouched
-        assert torch.equal(t[0, :, 6:9], o[0, :, [7, 10, 11]])              # nodes 2, 5, 6 -> slots 6, 7, 8
-        assert torch.equal(t[0, :, 9:], o[0, :, 9:])                        # the rest is left alone
-        assert torch.equal(t[1, :, 10], o[1, :, 12])                        # node 3 -> slot 10
-        assert torch.equal(t[1, :, :10], o[1, :, :10]) and torch.equal(t[1, :, 11:], o[1, :, 11:])
-    snap = _snapshot(c)
-    with pytest.raises(CacheCapacityError, match="capacity is 24"):
-        kv_compact(c, [9, 11], torch.tensor([[0, 20, -1], [0, 1, 2]]), [1, 2])
-    with pytest.raises(ValueError, match="malformed path"):
-        kv_compact(c, [9, 11], torch.tensor([[0, 0, -1], [0, 1, 2]]), [1, 2])
-    _assert_unchanged(c, snap)
-
-
-def test_tree_bigger_than_the_remaining_cache_is_refused_before_any_write(tiny, prompts):
+def test_a_cache_too_small_for_the_run_is_refused_before_any_write(tiny, prompts):
     target, draft = tiny
     for kind, tree in (("model", "chain:4"), ("self", "dynamic:topk=3,depth=3,tokens=6")):
         eng = SpecEngine(target, make(kind, target, draft, None), tree)
         cap = max(len(p) for p in prompts) + 3                              # room for the prompt, not the tree
         cache = KVCache.for_model(target, 3, cap)
-        state = eng.start(prompts, SamplingParams(), cache)
+        cache.set_lengths([2, 2, 2])
         snap = _snapshot(cache)
-        with pytest.raises(CacheCapacityError, match=rf"tree {tree.split(':')[0]}.* needs \d+ cache slots past the committed prefix"):
-            eng.step(state)
+        with pytest.raises(CacheCapacityError, match=rf"need batch 3 / capacity \d+ .*slots for the tree {tree.split(':')[0]}"):
+            eng.start(prompts, SamplingParams(), 3, cache=cache)
         _assert_unchanged(cache, snap)
     # generate() with a caller's cache that is too small: refused before prefill
     cache = KVCache.for_model(target, 3, 40)
@@ -223,11 +209,11 @@ def test_engine_samples_the_targets_distribution(tiny, prompts, tree, rule):
     res = SpecEngine(target, make("model", target, draft, None), tree, rule=rule).generate([p] * N, 2, sp)
     pairs = torch.tensor(res.tokens)                                          # [N, 2]
     with torch.no_grad():
-        l1 = target(torch.tensor([p]), torch.arange(len(p))[None])[:, -1]
+        l1 = target(torch.tensor([p]), torch.arange(len(p))[None])[0][:, -1]
         p1 = torch.softmax(process_logits(l1, sp), -1)[0]                     # [V]
         x1s = torch.nonzero(p1).flatten()
         seqs = torch.tensor([p + [int(x)] for x in x1s])
-        l2 = target(seqs, torch.arange(len(p) + 1).expand(len(x1s), -1))[:, -1]
+        l2 = target(seqs, torch.arange(len(p) + 1).expand(len(x1s), -1))[0][:, -1]
         p2 = torch.softmax(process_logits(l2, sp), -1)                        # [n1, V]
     V = p1.shape[0]
     joint = torch.zeros(V, V, dtype=torch.float64)
@@ -267,18 +253,46 @@ def test_padding_nodes_stay_out_of_experts_and_stats(tiny):
     assert padded, "expected a step where the two trees differ in size"
 
 
-# ---- GPU (run by `pytest -m gpu` on the H100) -----------------------------------------------------------
+@pytest.mark.parametrize("kind,tree", [("model", "chain:3"), ("self", "static:2,2"), ("ngram", "chain:3"),
+                                       ("eagle", "dynamic:topk=2,depth=3,tokens=6")])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_one_seed_one_output_through_every_cpu_path(tiny, prompts, eagle_dir, kind, tree, temperature):
+    """The pipelined generation loop and a step-by-step loop over the same batch (eng.start + eng.step) give
+    the same tokens for one seed, greedy and sampled; a second generate() call (reused buffers) too."""
+    target, draft = tiny
+    sp = SamplingParams(temperature=temperature, top_p=0.9, seed=21)
+    eng = SpecEngine(target, make(kind, target, draft, eagle_dir), tree)
+    n = 14
+    a = eng.generate(prompts, n, sp).tokens
+    assert eng.generate(prompts, n, sp).tokens == a
+    batch = eng.start(prompts, sp, n)
+    out = [[t] for t in batch.root.tolist()]
+    while any(len(o) < n for o in out):
+        rec = eng.step(batch, eng.plan(sp))
+        for b in range(3):
+            out[b] += rec.tokens(b)
+    assert out == a
+
+
+# ---- GPU (run by `pytest -m gpu` on the H200) -----------------------------------------------------------
+
+def _tiny_cuda():
+    return build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
+
 
 @gpu
 @pytest.mark.parametrize("kind,tree", [("model", "chain:4"), ("self", "dynamic:topk=4,depth=4,tokens=16"),
                                        ("ngram", "static:2,2,1"), ("eagle", "chain:3")])
 def test_gpu_greedy_speculative_equals_autoregressive(prompts, tmp_path, kind, tree):
-    target, draft = build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
+    target, draft = _tiny_cuda()
     eg = save_random_eagle3(tmp_path / "e", target, draft_vocab_size=512, layer_ids=(0, 1, 2), std=0.2)
     ref = generate(target, prompts, 32, cuda_graph=False).tokens
-    res = SpecEngine(target, make(kind, target, draft, eg), tree).generate(prompts, 32)
-    assert res.tokens == ref
+    eng = SpecEngine(target, make(kind, target, draft, eg), tree)
+    res = eng.generate(prompts, 32)
+    assert res.tokens == ref and res.cuda_graph
     assert all(s.touched == s.loaded for s in res.steps)
+    again = eng.generate(prompts, 32)                 # buffers and graphs reused: every step replays
+    assert again.tokens == ref and all(s.replayed for s in again.steps)
 
 
 @gpu
@@ -301,80 +315,102 @@ def test_gpu_budget_statistics_match_cpu(prompts):
 
 
 @gpu
-@pytest.mark.parametrize("budget", [None, BudgetConfig(4)], ids=["no-budget", "B=4"])
-def test_gpu_graph_verify_equals_eager(prompts, budget):
-    """The CUDA-graph verify step (forward + tree_accept + kv_compact, replayed) commits exactly what the
-    eager path commits: tokens, accepted counts and expert statistics, step by step."""
-    t, d = build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
+@pytest.mark.parametrize("kind,tree", [("model", "chain:4"), ("model", "static:2,2"), ("self", "chain:3"),
+                                       ("ngram", "chain:3")])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_gpu_one_seed_same_tokens_on_graph_eager_and_cpu(prompts, kind, tree, temperature):
+    """The captured step (drafting included), the eager GPU step and the CPU step commit the same tokens
+    for one seed (float32: the same decisions; one Philox stream per request on every path), with the
+    same accepted counts step by step while the batches agree."""
+    sp = SamplingParams(temperature=temperature, top_p=0.95, seed=9)
+    t, d = _tiny_cuda()
+    tc, dc = build_preset("tiny", "cpu", "float32"), build_draft("tiny", "cpu", "float32")
     runs = {}
-    for graph in (True, False):
-        eng = SpecEngine(t, ModelDrafter(d, t), "chain:4", budget, cuda_graph=graph)
-        runs[graph] = eng.generate(prompts, 32)
-    a, b = runs[True], runs[False]
-    assert a.tokens == b.tokens
-    # step by step while the batches agree (with graphs, finished requests ride along a few steps longer)
-    same = [(x, y) for x, y in zip(a.steps, b.steps) if x.batch == y.batch]
-    assert len(same) >= 5
-    for x, y in same:
-        assert (x.accepted, x.loaded, x.touched) == (y.accepted, y.loaded, y.touched)
+    for name, (tt, dd, graph) in {"graph": (t, d, True), "eager": (t, d, False), "cpu": (tc, dc, True)}.items():
+        runs[name] = SpecEngine(tt, make(kind, tt, dd, None), tree, cuda_graph=graph).generate(prompts, 32, sp)
+    assert runs["graph"].tokens == runs["eager"].tokens == runs["cpu"].tokens
+    assert runs["graph"].cuda_graph and not runs["eager"].cuda_graph
+    same = [(x, y) for x, y in zip(runs["graph"].steps, runs["eager"].steps) if x.batch == y.batch]
+    assert len(same) >= 5 and all(x.accepted == y.accepted and x.loaded == y.loaded for x, y in same)
 
 
 @gpu
-def test_gpu_graph_is_captured_and_replayed(prompts):
-    from specmoe_ext.spec.verify_graph import VerifyStep
-    t, d = build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
+@pytest.mark.parametrize("kind,tree", [("model", "chain:4"), ("self", "static:2,2"), ("ngram", "chain:3"),
+                                       ("eagle", "dynamic:topk=2,depth=3,tokens=6")])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_gpu_loop_never_synchronizes(prompts, tmp_path, kind, tree, temperature):
+    """With every graph captured (a first call), a second generate() runs its whole loop under
+    torch.cuda.set_sync_debug_mode("error"): no step, no drafter, no bookkeeping synchronizes the device;
+    the one host read per step is an event wait on a pinned non_blocking copy."""
+    t, d = _tiny_cuda()
+    eg = save_random_eagle3(tmp_path / "e", t, draft_vocab_size=512, layer_ids=(0, 1, 2), std=0.2)
+    sp = SamplingParams(temperature=temperature, seed=4)
+    eng = SpecEngine(t, make(kind, t, d, eg), tree)
+    first = eng.generate(prompts, 24, sp)
+    from specmoe_ext.speculative import engine as E
+    run = E._Loop.run
+
+    def strict(self):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    E._Loop.run = strict
+    try:
+        second = eng.generate(prompts, 24, sp)
+    finally:
+        E._Loop.run = run
+    assert second.tokens == first.tokens and all(s.replayed for s in second.steps)
+
+
+@gpu
+def test_gpu_phase_times_and_overlap(prompts):
+    """Replayed steps report device time per phase (events recorded inside the graph) that adds up to the
+    step; the loop keeps the device busy (wall time per step close to device time per step)."""
+    t, d = _tiny_cuda()
     eng = SpecEngine(t, ModelDrafter(d, t), "chain:4")
-    cache = KVCache.for_model(t, 1, eng.capacity_for(len(prompts[1]), 40))
-    res = eng.generate(prompts[1:2], 40, cache=cache)
-    steps = [v for v in cache.graphs.values() if isinstance(v, VerifyStep)]
-    assert steps and steps[0].graph is not None and steps[0].calls == len(res.steps)
-    assert res.tokens == generate(t, prompts[1:2], 40, cuda_graph=False).tokens
-    # the device lengths the kernel advanced agree with the host's bookkeeping
-    assert cache.lengths.tolist() == cache.host_lengths()
-
-
-@gpu
-def test_gpu_graph_sampling_is_reproducible(prompts):
-    """Temperature > 0 through the graph (target-sampling rule, Philox per request): same seed, same tokens;
-    another seed, other tokens."""
-    t, d = build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
-    eng = SpecEngine(t, ModelDrafter(d, t), "chain:4", rule="target")
-    sp = lambda s: SamplingParams(temperature=0.9, top_p=0.95, seed=s)  # noqa: E731
-    a, b, c = (eng.generate(prompts, 24, sp(s)).tokens for s in (1, 1, 2))
-    assert a == b and a != c
+    eng.generate(prompts, 48)
+    res = eng.generate(prompts, 48)
+    st = [s for s in res.steps if s.replayed]
+    assert st and all(s.draft_s is not None and s.draft_s > 0 and s.verify_s > 0 for s in st)
+    for s in st:
+        assert s.draft_s + s.verify_s + s.accept_s == pytest.approx(s.step_s, rel=0.05)
 
 
 @gpu
 def test_gpu_tree_attention_runtime_path_matches_sdpa(prompts):
     """bf16 target: the verify forward with PrefixTreeMask (tree-attention kernel) matches the dense-mask SDPA
     forward on the same cache state."""
-    from specmoe_ext.models.model import PrefixTreeMask
-    from specmoe_ext.spec.tree import ancestor_bitmask
+    from specmoe_ext.models.kv_cache import Geometry
+    from specmoe_ext.speculative.tree import ancestor_bitmask
     t = build_preset("tiny", "cuda", "bfloat16")
     plist = [prompts[0], prompts[1]]
     cache = KVCache.for_model(t, 2, 128)
-    generate(t, plist, 1, cache=cache)
+    prefill(t, plist, cache)
     par = torch.tensor([[-1, 0, 1, 0, 3, 3], [-1, 0, 0, 1, 2, 4]], device="cuda")
     bits = ancestor_bitmask(par)
     toks = torch.randint(0, t.args.vocab_size, (2, 6), device="cuda")
-    L = cache.lengths.clone()
     depth = torch.tensor([[0, 1, 2, 1, 2, 2], [0, 1, 1, 2, 2, 3]], device="cuda")
-    slots = L[:, None] + torch.arange(6, device="cuda")
-    m = PrefixTreeMask(L, bits)
-    out_k = t(toks, L[:, None] + depth, cache, slots, m).float()
-    out_d = t(toks, L[:, None] + depth, cache, slots, m.dense(cache.capacity)).float()
+    geo = cache.tree_geometry(depth, bits)
+    with torch.no_grad():
+        out_k = t(toks, geo, cache)[0].float()
+        out_d = t(toks, Geometry(geo.positions, geo.slots, geo.mask.dense(cache.capacity)), cache)[0].float()
     err = float((out_k - out_d).norm() / out_d.norm())
     assert err < 2e-2, err
 
 
 @gpu
-def test_gpu_speculation_off_runs_the_decode_graph(prompts):
-    """With the controller, speculation-off steps run as the runtime's CUDA-graph decode step: output still
-    equals greedy autoregressive decoding, and those steps carry no draft tree."""
-    from specmoe_ext.spec.controller import CascadeController, make_candidates
-    t, d = build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
+def test_gpu_speculation_off_steps_are_root_only_replays(prompts):
+    """With the controller, speculation-off steps are root-only steps of the same runner (replayed once
+    captured): output still equals greedy autoregressive decoding."""
+    from specmoe_ext.speculative.controller import CascadeController, make_candidates
+    t, d = _tiny_cuda()
     eng = SpecEngine(t, ModelDrafter(d, t), "chain:4")
-    res = eng.generate(prompts, 24, controller=CascadeController(make_candidates(ks=(0, 2))))
-    assert res.tokens == generate(t, prompts, 24, cuda_graph=False).tokens
-    assert any(s.tree_nodes == 1 and not s.touched for s in res.steps)
-    assert res.summary()["steps"] == len(res.steps)
+    mk = lambda: CascadeController(make_candidates(ks=(0, 2)), test_steps=2)  # noqa: E731
+    ref = generate(t, prompts, 40, cuda_graph=False).tokens
+    assert eng.generate(prompts, 40, controller=mk()).tokens == ref
+    res = eng.generate(prompts, 40, controller=mk())
+    assert res.tokens == ref
+    off = [s for s in res.steps if s.tree_nodes == 1]
+    assert off and not any(s.touched for s in off) and any(s.replayed for s in off)

@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from specmoe_ext.spec.tree import (DraftTree, TreeSpec, TreeSpecError, ancestor_bitmask, ancestors_from_parent,
-                                   build_tree, pack_bits, unpack_bits)
+from specmoe_ext import ops
+from specmoe_ext.masks import pack_bits, unpack_bits
+from specmoe_ext.speculative.tree import (DraftTree, TreeSpec, TreeSpecError, ancestor_bitmask, ancestors_from_parent,
+                                          build_tree)
 
 
 @pytest.mark.parametrize("text,kind,nodes,depth,fed", [
@@ -62,9 +64,9 @@ def test_from_parents_depth_children_and_validation():
     parent = torch.tensor([[-1, 0, 0, 1, 2, 2]])
     t = DraftTree.from_parents(torch.arange(6)[None], parent)
     assert t.depth.tolist() == [[0, 1, 1, 2, 2, 2]]
-    assert t.children()[0].tolist() == [[1, 2], [3, -1], [4, 5], [-1, -1], [-1, -1], [-1, -1]]
+    assert t.kids[0].tolist() == [[1, 2], [3, -1], [4, 5], [-1, -1], [-1, -1], [-1, -1]]
     assert t.ancestors()[0, 5].tolist() == [True, False, True, False, False, True]
-    assert t.positions(torch.tensor([10])).tolist() == [[10, 11, 11, 12, 12, 12]]
+    assert t.max_depth == 2 and t.fed.tolist() == [[-1] * 6]
     with pytest.raises(ValueError, match="smaller index"):
         DraftTree.from_parents(torch.zeros(1, 3, dtype=torch.long), torch.tensor([[-1, 2, 0]]))
     with pytest.raises(ValueError, match="root"):
@@ -78,12 +80,14 @@ class TableSource:
     def __init__(self, logits: torch.Tensor):           # [bs, depth, V]
         self.logits = logits
         self.calls: list[int] = []
+        self.fed: list[int] = []
 
     def root_logits(self):
         return self.logits[:, 0]
 
-    def expand(self, nodes, tree):
+    def expand(self, nodes, tree, fed):
         self.calls.append(nodes.shape[1])
+        self.fed.append(fed)
         d = tree.gather(tree.depth, nodes)                  # [bs, F]
         tok = tree.gather(tree.tokens, nodes)
         base = self.logits[torch.arange(nodes.shape[0])[:, None], d]          # [bs, F, V]
@@ -110,7 +114,9 @@ def test_dynamic_tree_is_eagle2_top_m_closed_under_ancestors():
     src = TableSource(torch.randn(3, D, V, generator=g) * 2)
     t = build_tree(src, TreeSpec.parse(f"dynamic:topk={k},depth={D},tokens={M}"), torch.tensor([1, 2, 3]))
     assert src.calls == [k] * (D - 1)                       # expand the top_k frontier at each deeper level
+    assert src.fed == [1 + k * i for i in range(D - 1)]      # fed indices: root 0, then k per level
     assert t.T == M and bool(t.valid.all())
+    assert bool((t.fed[:, 0] == 0).all()) and int(t.fed.max()) < 1 + k * (D - 1)
     A = t.ancestors()
     for b in range(3):
         for i in range(1, M):
@@ -129,14 +135,15 @@ def test_dynamic_tree_is_eagle2_top_m_closed_under_ancestors():
 
 
 def test_nodes_without_candidates_are_padding():
-    """A drafter that proposes nothing beyond the root for request 1: its tree is padded (valid False),
-    request 0 keeps its full chain; padding hangs off the root."""
+    """A drafter that proposes nothing beyond depth 1 for request 1: its tree keeps the fixed shape with
+    the missing nodes invalid (in place, so the children table stays static); request 0 keeps its chain."""
     V = 8
     logits = torch.randn(2, 3, V)
     logits[1, 1:] = float("-inf")                           # request 1: no children below depth 1
     t = build_tree(TableSource(logits), TreeSpec.parse("chain:3"), torch.tensor([0, 0]))
     assert t.T == 4 and t.valid[0].all() and t.valid[1].tolist() == [True, True, False, False]
-    assert t.parent[1].tolist() == [-1, 0, 0, 0]
+    assert t.parent[1].tolist() == [-1, 0, 1, 2] and t.tokens[1, 2:].tolist() == [0, 0]
+    assert t.fed.tolist() == [[0, 1, 2, -1]] * 2 and t.kids[0, :, 0].tolist() == [1, 2, 3, -1]
 
 
 def test_sampled_chain_stores_q_and_is_reproducible():
@@ -145,19 +152,19 @@ def test_sampled_chain_stores_q_and_is_reproducible():
     sp = SamplingParams(temperature=0.7)
 
     def run(seed):
-        gens = [torch.Generator().manual_seed(seed + b) for b in range(2)]
+        s, off = torch.tensor([seed, seed + 1]), torch.zeros(2, dtype=torch.long)
         return build_tree(TableSource(logits), TreeSpec.parse("static:2,2"), torch.tensor([0, 0]), sample=True,
-                          sampling=sp, generators=gens)
+                          sampling=sp, uniforms=lambda n, stream: ops.philox_uniform(s, off, n, stream))
 
     a, b = run(0), run(0)
-    assert torch.equal(a.tokens, b.tokens) and a.sampled and a.q.shape == (2, 7, 10)
+    assert torch.equal(a.tokens, b.tokens) and a.sampled and a.q.shape == (2, 3, 10)   # q of the 3 fed nodes
     q_root = torch.softmax(logits[:, 0] / 0.7, -1)
     torch.testing.assert_close(a.q[:, 0], q_root)
-    assert float(a.q[:, 3:].abs().sum()) == 0.0              # leaves were never expanded
+    assert a.fed.tolist() == [[0, 1, 2, -1, -1, -1, -1]] * 2                # leaves were never expanded
     assert any(not torch.equal(run(0).tokens, run(s).tokens) for s in range(1, 5))
     with pytest.raises(ValueError, match="dynamic trees pick top-k"):
         build_tree(TableSource(logits), TreeSpec.parse("dynamic:topk=2,depth=2,tokens=4"), torch.tensor([0, 0]),
-                   sample=True, sampling=sp, generators=[torch.Generator()] * 2)
+                   sample=True, sampling=sp, uniforms=lambda n, stream: torch.rand(2, n))
 
 
 def test_ancestors_match_a_direct_walk():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specmoe_ext import ops, reference
-from specmoe_ext.spec.tree import ancestor_bitmask
+from specmoe_ext.speculative.tree import ancestor_bitmask
 from conftest import devices
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}   # relative L2 vs float32

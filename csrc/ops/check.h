@@ -41,3 +41,14 @@ std::string concat(const Args&... args) {
 
 // SPECMOE_CHECK(cond, pieces...): raises c10::Error (RuntimeError in Python) with the pieces joined.
 #define SPECMOE_CHECK(cond, ...) TORCH_CHECK((cond), ::specmoe::concat(__VA_ARGS__))
+
+namespace specmoe {
+
+// Raises unless `t` (argument `name` of `op`) lives on `ref`'s device.
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
+                              const char* ref_name) {
+  SPECMOE_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name,
+                " is on ", ref.device());
+}
+
+}  // namespace specmoe

@@ -46,6 +46,7 @@ TORCH_LIBRARY(specmoe, m) {
          "float top_p, int top_k, Tensor seed, Tensor(a!) offset) -> (Tensor path, Tensor n_accepted, "
          "Tensor bonus)");
   def(m, "kv_compact(Tensor(a!)[] cache, Tensor(b!) lengths, Tensor path, Tensor n_accepted) -> ()");
+  def(m, "philox_uniform(Tensor seed, Tensor offset, int n, int stream) -> Tensor");
 }
 
 // `import specmoe_ext._C` loads this library (which registers the ops above); the module itself only

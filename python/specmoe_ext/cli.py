@@ -18,14 +18,14 @@ Shape legend: bs prompts in one batch (one per --prompt), N generated tokens per
 With no --model/--preset, `generate` runs the embedded `tiny` MoE model (CPU is fine). Several --prompt
 flags make one batch. Random-weight presets have no tokenizer: their prompt is encoded with the tiny
 model's tokenizer (its ids are valid in every preset's vocabulary) and only token ids are reported.
---draft turns on speculative decoding (spec/engine.py); `--draft model` means the preset's bundled draft
+--draft turns on speculative decoding (speculative/engine.py); `--draft model` means the preset's bundled draft
 model (the `tiny` preset has one), `model:DIR` any checkpoint folder sharing the target's vocabulary.
 
-`--spec auto` (with --draft): a Cascade controller (spec/controller.py) picks every step's chain length K
+`--spec auto` (with --draft): a Cascade controller (speculative/controller.py) picks every step's chain length K
 (0 = a plain autoregressive step through the same engine and cache; greedy output stays autoregressive) and
 expert budget from --spec-candidates, by measured step throughput; --json reports the settings over time and
 the per-candidate utilities. `specmoe plan` measures ~20 points of the MoESD performance model
-(spec/perf_model.py) on the real model, fits it, and saves the profile that `--profile` warm-starts from.
+(speculative/perf_model.py) on the real model, fits it, and saves the profile that `--profile` warm-starts from.
 
 Structure: each subcommand is an (add_arguments, run) pair in COMMANDS; later features add flags to a
 subparser through `build_parser()` (e.g. --draft/--tree/--budget on generate) or add subcommands.
@@ -142,7 +142,7 @@ def _load_target(a: argparse.Namespace, device: str, dtype, cmd: str):
 def _spec_engine(a: argparse.Namespace, target, target_dir, draft_dir, dtype, cmd: str, budget: str | None = None):
     """The SpecEngine the --draft/--tree/--budget flags describe; every flag is checked before loading."""
     from .models.loader import CheckpointError
-    from .spec import BudgetConfig, SpecEngine, TreeSpec, make_drafter
+    from .speculative import BudgetConfig, SpecEngine, TreeSpec, make_drafter
     try:
         spec = TreeSpec.parse(a.tree)
         bcfg = None
@@ -158,9 +158,9 @@ def _spec_engine(a: argparse.Namespace, target, target_dir, draft_dir, dtype, cm
 
 def _spec_controller(a: argparse.Namespace, target, target_dir, draft_dir, dtype, bs: int):
     """--spec auto: (engine over the longest candidate chain, CascadeController, budget style)."""
-    from .spec import BudgetConfig
-    from .spec.controller import CascadeController, parse_candidates
-    from .spec.perf_model import PerfProfile
+    from .speculative import BudgetConfig
+    from .speculative.controller import CascadeController, parse_candidates
+    from .speculative.perf_model import PerfProfile
     if a.tree != "chain:4":
         raise SystemExit("specmoe generate: --tree is chosen by --spec auto (chains of the --spec-candidates "
                          "lengths): drop --tree")
@@ -199,7 +199,8 @@ def _spec_json(res) -> dict:
 
 
 def _run_generate(a: argparse.Namespace) -> int:
-    from .models import SamplingParams, generate
+    from .models import SamplingParams
+    from .speculative import generate
     from .models.loader import resolve_dtype
 
     try:
@@ -248,15 +249,18 @@ def _run_generate(a: argparse.Namespace) -> int:
         from tqdm import tqdm
         bar = tqdm(total=a.max_new_tokens, desc="generating", unit="tok", file=sys.stderr, leave=False,
                    disable=None)
+        bar.update(1)                                  # the first token comes from the prefill
+    # the bar follows the request that is furthest along (one update per step, from the step's record)
+    progress = (lambda st, toks: bar.update(max(map(len, toks), default=0))) if bar is not None else None
     if engine is not None:
         try:
-            res = engine.generate(ids, a.max_new_tokens, sampling, stop, controller=ctl, budget_style=style)
+            res = engine.generate(ids, a.max_new_tokens, sampling, stop, controller=ctl, budget_style=style,
+                                  on_step=progress)
         except ValueError as e:
             raise SystemExit(f"specmoe generate: {e}")
     else:
         res = generate(model, ids, a.max_new_tokens, sampling, stop,
-                       cuda_graph=False if a.no_cuda_graph else None,
-                       on_token=(lambda step, t: bar.update(1)) if bar is not None else None)
+                       cuda_graph=False if a.no_cuda_graph else None, on_step=progress)
     if bar is not None:
         bar.close()
 
@@ -321,16 +325,23 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
     p.add_argument("--no-progress", action="store_true", help="(accepted for symmetry with generate)")
+    p.add_argument("--repeats", type=int, default=5, metavar="R",
+                   help="timed runs per mode after one warm-up run; tokens/s is their median (default 5)")
     _add_spec_args(p, draft_default="model")
 
 
 def _run_demo(a: argparse.Namespace) -> int:
-    """The embedded tiny pair, greedy: autoregressive, speculative, speculative + expert budget."""
-    from .models import generate
+    """The embedded tiny pair, greedy: autoregressive, speculative, speculative + expert budget, --spec auto;
+    each timed --repeats times after a warm-up (median tokens/s), with a verdict on whether speculation pays."""
+    import statistics
+    from .speculative import generate
+    from .speculative.controller import CascadeController, parse_candidates
     from .models.loader import resolve_dtype
 
     if a.max_new_tokens < 1:
         raise SystemExit("specmoe demo: --max-new-tokens must be >= 1")
+    if a.repeats < 1:
+        raise SystemExit("specmoe demo: --repeats must be >= 1")
     device = _resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
     a.model, a.preset = None, "tiny"
@@ -339,19 +350,27 @@ def _run_demo(a: argparse.Namespace) -> int:
     budget = a.budget or str(max(model.args.top_k, E // 2))
     spec_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", None)
     budget_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", budget)
+    cands = parse_candidates(DEFAULT_CANDIDATES)
+    tree = a.tree
+    a.tree = f"chain:{max(c.k for c in cands)}"
+    auto_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", None)
+    a.tree = tree
     prompts = a.prompt or [DEFAULT_PROMPT]
     ids = [tok.encode(p) for p in prompts]
     if any(len(i) == 0 for i in ids):
         raise SystemExit("specmoe demo: a prompt encodes to zero tokens")
     N = a.max_new_tokens
-    # warm-up (first-call allocations and kernel selection), then the timed runs; greedy, no stop tokens
-    generate(model, ids, min(4, N), cuda_graph=False)
-    spec_engine.generate(ids, min(4, N))
-    ar = generate(model, ids, N, cuda_graph=False)
-    runs = [("autoregressive", ar, None)]
-    for label, eng in (("speculative", spec_engine), (f"speculative + budget B={budget}", budget_engine)):
-        res = eng.generate(ids, N)
-        runs.append((label, res, _spec_json(res)))
+    modes = [("autoregressive", lambda: generate(model, ids, N)),
+             ("speculative", lambda: spec_engine.generate(ids, N)),
+             (f"speculative + budget B={budget}", lambda: budget_engine.generate(ids, N)),
+             ("speculative, --spec auto", lambda: auto_engine.generate(
+                 ids, N, controller=CascadeController(cands, test_steps=2)))]
+    results = {}
+    for label, run in modes:                          # greedy, no stop tokens; warm-up, then the timed runs
+        run()
+        timed = sorted((run() for _ in range(a.repeats)), key=lambda r: r.tokens_per_s)
+        results[label] = (timed[len(timed) // 2], [r.tokens_per_s for r in timed])
+    ar = results["autoregressive"][0]
 
     def agreement(res) -> dict:
         tot = sum(len(t) for t in ar.tokens)
@@ -366,40 +385,65 @@ def _run_demo(a: argparse.Namespace) -> int:
                 "tokens": tot, "first_divergence": first}
 
     rows = []
-    for label, res, spec in runs:
-        row = {"run": label, "tokens_per_s": round(res.tokens_per_s, 2), "generated_tokens": res.n_generated,
+    for label, (res, tps) in results.items():
+        row = {"run": label, "tokens_per_s": round(statistics.median(tps), 2),
+               "tokens_per_s_runs": [round(x, 2) for x in tps], "generated_tokens": res.n_generated,
                "seconds": round(res.prefill_s + res.decode_s, 4)}
-        if spec is not None:
+        if label != "autoregressive":
+            spec = _spec_json(res)
             row.update({"tokens_per_step": spec["tokens_per_step"], "accepted_per_step": spec["accepted_per_step"],
                         "experts_touched_per_layer": spec["experts_touched_per_layer"],
                         "experts_loaded_per_layer": spec["experts_loaded_per_layer"], **agreement(res),
                         "config": {k: spec[k] for k in ("drafter", "tree", "rule", "budget")}})
+            if "controller" in spec:
+                row["settings_over_time"] = spec["controller"]["settings_over_time"]
         rows.append(row)
+    ar_tps, spec_tps = rows[0]["tokens_per_s"], rows[1]["tokens_per_s"]
+    auto_row = rows[-1]
+    picked: dict = {}
+    for k, b, n in auto_row.get("settings_over_time", []):
+        key = f"k={k}" + (f",B={b}" if b is not None else "")
+        picked[key] = picked.get(key, 0) + n
+    verdict = {"speculative_over_autoregressive": round(spec_tps / ar_tps, 3) if ar_tps else None,
+               "speculation_pays": spec_tps > ar_tps, "auto_over_autoregressive":
+                   round(auto_row["tokens_per_s"] / ar_tps, 3) if ar_tps else None,
+               "auto_steps_per_setting": picked}
     a_ = model.args
     head = {"model": name, "architecture": a_.architecture, "layers": a_.n_layers, "experts": E,
             "top_k": a_.top_k, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "prompts": prompts, "max_new_tokens": N, "draft": a.draft, "tree": a.tree}
+            "prompts": prompts, "max_new_tokens": N, "draft": a.draft, "tree": a.tree, "repeats": a.repeats}
     if a.json:
-        print(json.dumps({**head, "runs": rows, "text": [tok.decode(t) for t in ar.tokens]}, indent=2))
+        print(json.dumps({**head, "runs": rows, "verdict": verdict, "text": [tok.decode(t) for t in ar.tokens]},
+                         indent=2))
         return 0
     print(f"specmoe demo: {name} ({a_.architecture}, {a_.n_layers} layers, {E} experts top-{a_.top_k}) on "
-          f"{device} {head['dtype']}; draft {a.draft}, tree {a.tree}; {len(ids)} prompt(s) x {N} new tokens, greedy")
+          f"{device} {head['dtype']}; draft {a.draft}, tree {a.tree}; {len(ids)} prompt(s) x {N} new tokens, greedy; "
+          f"median of {a.repeats} runs")
     print(f"text (autoregressive): {(prompts[0] + tok.decode(ar.tokens[0]))!r}")
     print()
-    print(f"{'run':34s} {'tokens/s':>9s} {'tok/step':>9s} {'accepted/step':>14s}  {'same as AR':>12s}")
+    print(f"{'run':34s} {'tokens/s':>9s} {'min-max':>15s} {'tok/step':>9s} {'accepted/step':>14s}  {'same as AR':>12s}")
     for r in rows:
         same = "-"
         if "matches_autoregressive" in r:
             same = "yes" if r["matches_autoregressive"] else f"no ({r['tokens_before_divergence']}/{r['tokens']})"
-        print(f"{r['run']:34s} {r['tokens_per_s']:9.1f} {r.get('tokens_per_step') or 1.0:9.2f} "
+        span = f"{min(r['tokens_per_s_runs']):.0f}-{max(r['tokens_per_s_runs']):.0f}"
+        print(f"{r['run']:34s} {r['tokens_per_s']:9.1f} {span:>15s} {r.get('tokens_per_step') or 1.0:9.2f} "
               f"{r.get('accepted_per_step') if r.get('accepted_per_step') is not None else '-':>14}  {same:>12s}")
     print()
     print("experts per MoE layer and verification step, touched (the tree's natural routing) -> loaded (read):")
-    for r in rows[1:]:
+    for r in rows[1:3]:
         pairs = "  ".join(f"L{i}: {t:.2f}->{l:.2f}" for i, (t, l) in
                           enumerate(zip(r["experts_touched_per_layer"], r["experts_loaded_per_layer"])))
         print(f"  {r['run']:32s} {pairs}")
     print("(the budget is lossy: 'same as AR' counts the tokens before the first divergence)")
+    steps = ", ".join(f"{k} x{n}" for k, n in picked.items())
+    if verdict["speculation_pays"]:
+        print(f"speculation pays here: {verdict['speculative_over_autoregressive']:.2f}x autoregressive tokens/s; "
+              f"--spec auto ran {steps} ({verdict['auto_over_autoregressive']:.2f}x)")
+    else:
+        print(f"speculation does NOT pay here: {verdict['speculative_over_autoregressive']:.2f}x autoregressive "
+              f"tokens/s (the tiny draft costs a large share of the tiny target's step on this device); "
+              f"--spec auto ran {steps} ({verdict['auto_over_autoregressive']:.2f}x)")
     return 0
 
 
@@ -440,7 +484,7 @@ def _run_plan(a: argparse.Namespace) -> int:
     """Measure ~20 points of the MoESD model on the real model, fit, print, save the profile."""
     from .models.loader import CheckpointError, load_model, resolve_dtype
     from .models.presets import get_preset
-    from .spec import plan as planlib
+    from .speculative import plan as planlib
 
     device = _resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)

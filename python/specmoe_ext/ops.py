@@ -187,4 +187,18 @@ def _kv_compact_fake(cache, lengths, path, n_accepted):
     return None
 
 
-__all__ += ["tree_accept", "kv_compact"]
+def philox_uniform(seed: Tensor, offset: Tensor, n: int, stream: int) -> Tensor:
+    """[bs, n] float32 uniforms in [0, 1) (multiples of 2^-24) from request b's Philox stream: element i is
+    Philox4x32-10(key = seed[b], counter = (offset[b], i, stream)) word 0 >> 8, times 2^-24. seed / offset
+    [bs] int64 (the per-request key and counter tree_accept uses; not advanced here), stream >= 1 names the
+    purpose (stream 0 is tree_accept's node draws). Identical on CPU and CUDA; no host synchronization."""
+    _require_kernels_for(seed)
+    return _ops.philox_uniform(seed, offset, int(n), int(stream))
+
+
+@torch.library.register_fake("specmoe::philox_uniform")
+def _philox_uniform_fake(seed, offset, n, stream):
+    return seed.new_empty((seed.shape[0], n), dtype=torch.float32)
+
+
+__all__ += ["tree_accept", "kv_compact", "philox_uniform"]

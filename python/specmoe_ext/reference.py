@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models.model import unpack_bits
+from .masks import unpack_bits
 from .routing_types import Routing, SCORINGS, POLICIES
 
 
@@ -302,3 +302,112 @@ def kv_compact(cache: "list[Tensor]", lengths: Tensor, path: Tensor, n_accepted:
                 dst = torch.tensor([L[b] + j for j in range(1, n[b] + 1)], device=c_old.device)
                 c_new[b, :, dst] = c_old[b, :, src]
     return out, lengths + n_accepted + 1
+
+
+# ---- tree acceptance rules as vectorized walks (cross-checks of tree_accept and the q-aware rule) -----------
+# tokens / parent / valid [bs, T] (parent[:, 0] = -1, parent[i] < i); results (path [bs, D+1] root first, -1
+# padded, n_accepted [bs], bonus [bs]) with D the deepest node. Loops over the tree depth and children,
+# reading the device freely: ground truth, not a hot path.
+
+def tree_ancestors(parent: Tensor) -> Tensor:
+    """parent [bs, T] -> bool [bs, T, T], A[b, i, j] = node j is node i or one of its ancestors."""
+    bs, T = parent.shape
+    A = torch.eye(T, dtype=torch.bool, device=parent.device).repeat(bs, 1, 1)
+    rows = torch.arange(bs, device=parent.device)
+    for i in range(1, T):
+        A[:, i] |= A[rows, parent[:, i].clamp_min(0)] & (parent[:, i] >= 0)[:, None]
+    return A
+
+
+def _depth(parent: Tensor) -> Tensor:
+    return tree_ancestors(parent).sum(-1) - 1
+
+
+def accept_greedy(tokens: Tensor, parent: Tensor, valid: Tensor, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A node is on an accepted path when its token equals the target's argmax at its parent, and so are all
+    its ancestors'; the deepest such node wins (ties: lowest index), its argmax is the bonus token."""
+    bs, T = tokens.shape
+    A, depth = tree_ancestors(parent), _depth(parent)
+    am = logits.float().argmax(-1)
+    ok = valid & (tokens == torch.gather(am, 1, parent.clamp_min(0)))
+    ok[:, 0] = True
+    path_ok = ~(A & ~ok[:, None, :]).any(-1)
+    idx = torch.arange(T, device=tokens.device)
+    key = torch.where(path_ok, depth * (T + 1) + (T - idx), torch.full_like(depth, -1))
+    best = key.argmax(1)
+    n = torch.gather(depth, 1, best[:, None])[:, 0]
+    D = int(depth.max())
+    on = A[torch.arange(bs, device=tokens.device), best]
+    path = torch.full((bs, D + 2), -1, dtype=torch.long, device=tokens.device)
+    path.scatter_(1, torch.where(on, depth, torch.full_like(depth, D + 1)), idx.expand(bs, T))
+    return path[:, :D + 1], n, torch.gather(am, 1, best[:, None])[:, 0]
+
+
+def _draw(p: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draw per row: p [n, V] (any scale), u [n] in [0, 1) -> [n] (zero-mass tokens never)."""
+    cdf = p.float().cumsum(-1)
+    return torch.searchsorted(cdf, (u.float() * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=p.shape[-1] - 1)
+
+
+def accept_target_sampling(tokens: Tensor, parent: Tensor, valid: Tensor, p: Tensor, u: Tensor):
+    """Any tree: at the current node draw y ~ p[node] with u[., node]; move to the first valid child carrying
+    y, else emit y as the bonus token."""
+    bs, T = tokens.shape
+    dev = tokens.device
+    D = int(_depth(parent).max())
+    rows = torch.arange(bs, device=dev)
+    cur = torch.zeros(bs, dtype=torch.long, device=dev)
+    alive = torch.ones(bs, dtype=torch.bool, device=dev)
+    n, bonus = torch.zeros_like(cur), torch.zeros_like(cur)
+    path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
+    path[:, 0] = 0
+    for level in range(D + 1):
+        y = _draw(p[rows, cur], u[rows, cur])
+        match = (parent == cur[:, None]) & (tokens == y[:, None]) & valid
+        has = match.any(1) & alive
+        child = match.long().argmax(1)
+        if level < D:
+            path[:, level + 1] = torch.where(has, child, path[:, level + 1])
+        n += has.long()
+        bonus = torch.where(alive & ~has, y, bonus)
+        cur, alive = torch.where(has, child, cur), has
+    return path, n, bonus
+
+
+def accept_q_aware(tokens: Tensor, parent: Tensor, valid: Tensor, p: Tensor, q: Tensor, u: Tensor, u_res: Tensor):
+    """Trees whose children were drawn i.i.d. from q[node] (recursive rejection, SpecInfer): children in index
+    order; child x accepted when u[., x] * q(x) < p(x), else p <- normalize(max(p - q, 0)); when every child is
+    rejected the bonus is drawn from the final residual with u_res[., node]. p, q [bs, T, V]."""
+    bs, T = tokens.shape
+    dev = tokens.device
+    D = int(_depth(parent).max())
+    rows = torch.arange(bs, device=dev)
+    cur = torch.zeros(bs, dtype=torch.long, device=dev)
+    alive = torch.ones(bs, dtype=torch.bool, device=dev)
+    n, bonus = torch.zeros_like(cur), torch.zeros_like(cur)
+    path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
+    path[:, 0] = 0
+    for level in range(D + 1):
+        pr, qc = p[rows, cur].float(), q[rows, cur].float()
+        chosen = torch.full((bs,), -1, dtype=torch.long, device=dev)
+        for b in range(bs):
+            if not bool(alive[b]):
+                continue
+            for c in range(int(cur[b]) + 1, T):
+                if int(parent[b, c]) != int(cur[b]) or not bool(valid[b, c]):
+                    continue
+                x = int(tokens[b, c])
+                if float(u[b, c]) * float(qc[b, x]) < float(pr[b, x]):
+                    chosen[b] = c
+                    break
+                resid = (pr[b] - qc[b]).clamp_min(0)
+                if float(resid.sum()) > 0:
+                    pr[b] = resid / resid.sum()
+        has = alive & (chosen >= 0)
+        y = _draw(pr, u_res[rows, cur])
+        if level < D:
+            path[:, level + 1] = torch.where(has, chosen, path[:, level + 1])
+        n += has.long()
+        bonus = torch.where(alive & ~has, y, bonus)
+        cur, alive = torch.where(has, chosen, cur), has
+    return path, n, bonus

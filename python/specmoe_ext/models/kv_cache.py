@@ -1,7 +1,7 @@
-"""Static KV cache: one preallocated row of `capacity` slots per request.
+"""Static KV cache: one preallocated row of `capacity` slots per request, and the geometry of each forward.
 
 Shape legend: L layers, bs requests (rows), Hk key-value heads, S capacity (slots per request), d head dim,
-T tokens written by one forward, n entries moved by a compaction.
+T tokens written by one forward.
 
     k[l], v[l]   [bs, Hk, S, d]   (model dtype, on the model's device)
     lengths      [bs] int64 on the device: committed tokens per request (slots 0..len-1 hold them in order)
@@ -10,24 +10,39 @@ T tokens written by one forward, n entries moved by a compaction.
 Why static rows rather than pages: speculative decoding runs a fixed, small batch of requests whose
 lengths are bounded by prompt + max new tokens, known when the batch starts. A contiguous row per request
 (a) is what SDPA and the tree-attention kernel read directly, with no block-table indirection,
-(b) keeps every address fixed, which CUDA-graph replay of the decode / verify step requires, and
-(c) makes compaction of an accepted tree path a copy within one row. Paging would only save memory for
-requests of very unequal lengths, which this engine does not need; capacity is set per batch.
+(b) keeps every address fixed, which CUDA-graph replay of the decode / speculative step requires, and
+(c) makes compaction of an accepted tree path a copy within one row (`ops.kv_compact`). Paging would only
+save memory for requests of very unequal lengths, which this engine does not need; capacity is set per batch.
 
-Protocol (all checks happen on the host BEFORE anything is written):
-    slots = cache.reserve(n)        # [bs, n] slots lengths[b] .. lengths[b]+n-1; raises if over capacity
-                                    # (check_append(n): the same check without building the slots)
-    logits = model(tokens, positions, cache, slots, mask)   # forward writes K/V at `slots`
-    cache.compact(b, src, dst)      # optional: move accepted tree entries into place
-    cache.advance(n) / set_length   # commit
-    cache.keep_rows(rows)           # finished requests leave: the remaining rows move to the front
+Geometry: where the T tokens of one forward go, built here and nowhere else (SGLang's forward-batch idea):
+    Geometry(positions [bs, T], slots [bs, T], mask)   mask: bool [bs, T, S] or a PrefixTreeMask
+    geo = cache.append(width)         host: `width` new tokens after each committed prefix (a prefill of
+                                      right-padded prompts); capacity checked before anything is written
+    geo = cache.tree_geometry(depth, bits, prefix, offset)
+                                      device only (graph-capturable): node i at slot prefix + offset + i and
+                                      position prefix + depth[i], seeing every slot < prefix + offset and
+                                      the new slots of its ancestor bits (decode: T = 1, verify: a tree,
+                                      a causal window: depth = arange, bits = causal)
+    logits, hidden = model(tokens, geo, cache)        the forward writes K/V at geo.slots
+    cache.advance(lens)               commit (or a kernel advances cache.lengths on the device: kv_compact)
+    cache.keep_rows(rows)             finished requests leave: the remaining rows move to the front
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
+
+from ..masks import PrefixTreeMask, causal_mask
+
+
+class Geometry(NamedTuple):
+    """Positions, cache slots and visibility of the T tokens of one forward (see the module docstring)."""
+
+    positions: Tensor                    # [bs, T] int64 RoPE positions
+    slots: Tensor                        # [bs, T] int64 cache slots the forward writes K/V to
+    mask: "Tensor | PrefixTreeMask"      # bool [bs, T, S] (True = may attend) or the compact tree form
 
 
 class CacheCapacityError(RuntimeError):
@@ -56,7 +71,7 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._host_lengths = [0] * batch_size
         self._rows = torch.arange(batch_size, device=device)[:, None]
-        self.graphs: dict = {}   # decode CUDA graphs captured against this cache (see generate.py)
+        self._full = (self.k, self.v, self.lengths, self._rows)
 
     @classmethod
     def for_model(cls, model, batch_size: int, capacity: int) -> "KVCache":
@@ -68,6 +83,11 @@ class KVCache:
     @property
     def device(self) -> torch.device:
         return self.lengths.device
+
+    @property
+    def full_batch_size(self) -> int:
+        """Rows allocated (keep_rows may have made fewer active)."""
+        return self._full[2].shape[0]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -83,22 +103,28 @@ class KVCache:
                     f"KV cache: request {b} {what} needs {n} slots but its capacity is {self.capacity} "
                     f"(committed length {self._host_lengths[b]}); allocate a larger cache")
 
-    def check_append(self, n: int | Sequence[int]) -> None:
-        """Raise CacheCapacityError if appending n tokens to any request would exceed capacity (host only)."""
-        ns = _as_list(n, self.batch_size, "check_append")
-        self._check([l + k for l, k in zip(self._host_lengths, ns)], f"appending {max(ns)} tokens")
-
-    def reserve(self, n: int | Sequence[int]) -> Tensor:
-        """Slots [bs, max(n)] for appending n tokens after each request's committed tokens. Raises
-        CacheCapacityError (nothing written, nothing changed) if any request would exceed capacity.
-        Requests with a smaller n get their extra columns clamped to their last reserved slot."""
-        ns = _as_list(n, self.batch_size, "reserve")
-        self._check([l + k for l, k in zip(self._host_lengths, ns)], f"appending {max(ns)} tokens")
-        width = max(ns)
+    def append(self, width: int) -> Geometry:
+        """Geometry of appending `width` tokens after every request's committed tokens (a prefill of
+        right-padded prompts): positions = slots = lengths[b] .. lengths[b] + width - 1, causal. A shorter
+        prompt's padding writes slots past its own tokens, which its later tokens overwrite before anything
+        attends them. Raises CacheCapacityError (nothing written, nothing changed) if any request would
+        exceed capacity. Host work, for forwards outside the device-resident step."""
+        self._check([l + width for l in self._host_lengths], f"appending {width} tokens")
         base = torch.tensor(self._host_lengths, dtype=torch.long)
-        cols = torch.arange(width)[None, :].expand(self.batch_size, width)
-        cols = torch.minimum(cols, torch.tensor(ns)[:, None].clamp_min(1) - 1)
-        return (base[:, None] + cols).to(self.device)
+        slots = (base[:, None] + torch.arange(width)[None, :]).to(self.device)
+        return Geometry(slots, slots, causal_mask(slots, self.capacity))
+
+    def tree_geometry(self, depth: Tensor, bits: Tensor, prefix: Tensor | None = None, offset: int = 0) -> Geometry:
+        """Geometry of T nodes written after each request's prefix (default: the committed lengths):
+        node i at slot prefix + offset + i and position prefix + depth[:, i], seeing every slot below
+        prefix + offset and the new slots whose bit is set in its row of bits [bs, T, ceil(T/32)] int32.
+        Device tensors only (no host sync; CUDA-graph capturable: replays follow `prefix` in place). The
+        caller guarantees room (prefix + offset + T <= capacity)."""
+        prefix = self.lengths if prefix is None else prefix
+        T = depth.shape[1]
+        base = prefix + offset if offset else prefix
+        slots = base[:, None] + torch.arange(T, device=depth.device)
+        return Geometry(prefix[:, None] + depth, slots, PrefixTreeMask(base, bits, kv_len_hint=self.capacity))
 
     def advance(self, n: int | Sequence[int]) -> None:
         """Commit n more tokens per request (after their K/V were written at the reserved slots)."""
@@ -125,25 +151,33 @@ class KVCache:
 
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Keep only the requests `rows` (strictly ascending row indices) as rows 0..n-1, e.g. when
-        finished requests leave a speculative batch. Only rows whose index changes are copied, and the
-        buffers become views of their first n rows (no reallocation, no full copy). CUDA graphs captured
-        on this cache are dropped (their batch size no longer exists)."""
+        finished requests leave a speculative batch. Only rows whose index changes are copied, in place,
+        and every buffer (lengths included) becomes the view of its first n rows: no reallocation, and the
+        same addresses at the same batch size every time (CUDA graphs captured there stay valid).
+        `reset_rows` brings back the full batch."""
         rows = [int(r) for r in rows]
         if not rows or any(b <= a for a, b in zip(rows, rows[1:])) or rows[0] < 0 or rows[-1] >= self.batch_size:
             raise ValueError(f"KV cache keep_rows: need a non-empty, strictly ascending subset of "
                              f"[0, {self.batch_size}), got {rows}")
+        from_host = [self._host_lengths[r] for r in rows]
         for i, r in enumerate(rows):   # r >= i, and rows < i were already moved: safe in this order
             if r != i:
                 for buf in self.k + self.v:
                     buf[i].copy_(buf[r])
+                self.lengths[i].copy_(self.lengths[r])
         n = len(rows)
         self.k = [t[:n] for t in self.k]
         self.v = [t[:n] for t in self.v]
         self.batch_size = n
         self._rows = self._rows[:n]
-        self.lengths = self.lengths[:n].clone()
-        self._set([self._host_lengths[r] for r in rows])
-        self.graphs = {}
+        self.lengths = self.lengths[:n]
+        self._host_lengths = from_host
+
+    def reset_rows(self) -> None:
+        """Every row of the allocation back (after keep_rows), all lengths 0."""
+        self.k, self.v, self.lengths, self._rows = self._full
+        self.batch_size = self.lengths.shape[0]
+        self.reset()
 
     def note_device_advance(self, lengths: Sequence[int]) -> None:
         """Host bookkeeping after a kernel already advanced the device lengths (the graph-captured verify
@@ -166,28 +200,3 @@ class KVCache:
         """k, v [bs, T, Hk, d] -> rows at slots [bs, T] of layer `layer`."""
         self.k[layer][self._rows, :, slots] = k
         self.v[layer][self._rows, :, slots] = v
-
-    # ---- compaction -----------------------------------------------------------------------------------
-    def compact(self, request: int, src_slots: Sequence[int] | Tensor, dst_slots: Sequence[int] | Tensor) -> None:
-        """Move the K/V entries of `request` at src_slots to dst_slots, in every layer (e.g. an accepted
-        tree path to the slots right after the committed prefix). Sources are read before any write, so
-        overlapping src/dst are fine. Validated on the host first; lengths are not changed (commit with
-        set_length / advance)."""
-        if not 0 <= request < self.batch_size:
-            raise IndexError(f"KV cache: request {request} outside [0, {self.batch_size})")
-        src = torch.as_tensor(src_slots, dtype=torch.long).flatten().cpu()
-        dst = torch.as_tensor(dst_slots, dtype=torch.long).flatten().cpu()
-        if src.numel() != dst.numel():
-            raise ValueError(f"KV cache compact: {src.numel()} source slots but {dst.numel()} destinations")
-        for name, t in (("source", src), ("destination", dst)):
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.capacity):
-                raise CacheCapacityError(f"KV cache compact: {name} slot outside [0, {self.capacity}) "
-                                         f"for request {request}: {t.tolist()}")
-        if dst.unique().numel() != dst.numel():
-            raise ValueError(f"KV cache compact: duplicate destination slots {dst.tolist()}")
-        if src.numel() == 0:
-            return
-        src, dst = src.to(self.device), dst.to(self.device)
-        for buf in self.k + self.v:
-            row = buf[request]                      # [Hk, S, d] view
-            row[:, dst] = row[:, src]              # advanced indexing gathers a copy first

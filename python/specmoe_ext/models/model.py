@@ -4,23 +4,24 @@ Shape legend: bs requests, T tokens per request in this forward, S KV-cache capa
 h hidden, V vocab, Hq/Hk query/key-value heads, d head dim, E experts, K experts per token, f expert FFN,
 N = bs*T tokens flattened (what the router and the experts see).
 
-One entry point serves prefill, 1-token decode, and verification of T tree tokens:
+One entry point serves prefill, 1-token decode, drafting and verification of T tree tokens:
 
-    logits = model(tokens [bs, T], positions [bs, T], cache, slots [bs, T], mask [bs, T, S])
+    logits, hidden = model(tokens [bs, T], geo, cache, moe, logits_index, hidden_layers)
 
-  positions  RoPE position ids (tree tokens: prefix_len + depth).
-  slots      where each token's K/V is written in its request's cache row (tree tokens: prefix_len + i);
-             get them from `cache.reserve(n)`, which checks capacity on the host before anything is written.
-  mask       bool [bs, T, S], True = query may attend that cache slot (`causal_mask`, `tree_mask` build the
-             usual ones), or a `PrefixTreeMask` (prefix lengths + ancestor bitmask, what decode and tree
-             verification use): on the GPU that form runs the tree-attention kernel (ops.tree_attention),
-             elsewhere it is expanded to the dense mask. Every query must see at least its own slot. Without a cache, K/V are the T tokens themselves
-             and mask is [bs, T, T] (default causal): the training / plain reference path.
+  geo        a `Geometry` from the cache (`cache.append(width)` for a prefill, `cache.tree_geometry(...)`
+             for decode / tree nodes): positions [bs, T] (RoPE ids; tree tokens: prefix_len + depth), slots
+             [bs, T] (where each token's K/V is written in its request's cache row) and the mask: bool
+             [bs, T, S] (True = may attend that slot) or a `PrefixTreeMask` (prefix lengths + ancestor
+             bitmask), which on the GPU runs the tree-attention kernel (ops.tree_attention) and elsewhere is
+             expanded to the dense mask once per forward. Every query must see at least its own slot.
+             Without a cache, `geo` is just the positions [bs, T]: K/V are the T tokens themselves, causal
+             (the training / plain reference path).
   moe        optional `MoEControl`: per-layer expert budget + policy (MoE-Spec verification), routing record,
              expert remapping (self-assisted drafting), token mask (padding tree nodes), expert statistics.
-  hidden_layers / hidden_out   capture the hidden state entering the listed layers (index n_layers = the
-             final pre-norm hidden state), appended to `hidden_out` in the listed order ([bs, T, h] each):
-             the target features an EAGLE-3 draft head consumes.
+  logits_index  optional [bs, n]: logits only at these token indices ([bs, n, V]).
+  hidden_layers the hidden states entering the listed layers (index n_layers = the final pre-norm hidden
+             state) come back in `hidden`, in the listed order ([bs, T, h] each): the target features an
+             EAGLE-3 draft head consumes. `hidden` is [] when none are asked for.
 
 Parameter layout (what the loader fills): attention wqkv [(Hq+2Hk)d, h] = rows of HF q_proj, k_proj,
 v_proj; MoE w13 [E, 2f, h] = HF gate_proj rows then up_proj rows per expert; w2 [E, h, f] = HF down_proj.
@@ -37,8 +38,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..masks import PrefixTreeMask, causal_mask, pack_bits, tree_mask, unpack_bits  # noqa: F401
 from ..routing_types import Routing
 from .config import ModelArgs
+from .kv_cache import Geometry  # noqa: F401  (the forward's `geo`)
 from .moe import moe_experts
 from .routing_edit import remap_routing
 from .rope import apply_rope, inv_freq_and_scale, rope_cos_sin
@@ -61,33 +64,49 @@ class ExpertStats:
     """Expert statistics of one forward, filled by every MoE layer when passed as `MoEControl.stats`.
 
     mask    optional [N] bool: only these tokens are counted (e.g. the valid nodes of padded draft trees).
-    layers  one entry per MoE layer, in layer order: (layer, natural [E] int64, routed [E] int64), the
-            (token, slot) pairs per expert under the natural top-K routing (what the tokens wanted) and
-            under the routing that actually ran (after budget, expert map and token mask).
-    Counts stay on the device; `touched()` / `loaded()` reduce them (one host read for all layers).
+    layers  one entry per MoE layer, in layer order: (layer, natural ids [N, K], routed ids [N, K]), the
+            experts each (token, slot) pair wanted under the natural top-K routing and the experts of the
+            routing that actually ran (after budget, expert map and token mask; -1 = dropped). A layer
+            adds no kernel: the counts are made at the end in one scatter over all layers.
+    Everything stays on the device: `counts()` -> (natural, routed) [L_moe, E] int64 pairs per expert,
+    `touched()` / `loaded()` -> [L_moe] distinct experts wanted / read.
     """
 
     mask: Tensor | None = None
     layers: list = field(default_factory=list)
+    n_experts: int = 0
+    _counts: tuple | None = field(default=None, repr=False)
 
     def add(self, layer: int, natural_ids: Tensor, routed_ids: Tensor, n_experts: int) -> None:
-        def count(ids: Tensor) -> Tensor:
-            ids = ids.long()
-            ok = ids >= 0
-            if self.mask is not None:
-                ok = ok & self.mask.to(ids.device)[:, None]
-            out = torch.zeros(n_experts, dtype=torch.long, device=ids.device)
-            return out.scatter_add_(0, ids.clamp_min(0).flatten(), ok.long().flatten())
-        natural = count(natural_ids)
-        self.layers.append((layer, natural, natural if routed_ids is natural_ids else count(routed_ids)))
+        self.layers.append((layer, natural_ids, routed_ids))
+        self.n_experts = n_experts
+        self._counts = None
+
+    def _count(self, ids: list[Tensor]) -> Tensor:
+        L, E = len(ids), self.n_experts
+        flat = torch.stack(ids).long()                                          # [L, N, K]
+        ok = flat >= 0
+        if self.mask is not None:
+            ok = ok & self.mask.to(flat.device)[None, :, None]
+        idx = (flat.clamp_min(0) + E * torch.arange(L, device=flat.device)[:, None, None]).flatten()
+        out = torch.zeros(L * E, dtype=torch.long, device=flat.device)
+        return out.scatter_add_(0, idx, ok.long().flatten()).view(L, E)
+
+    def counts(self) -> tuple[Tensor, Tensor]:
+        """(natural, routed) [L_moe, E] int64: (token, slot) pairs per expert."""
+        if self._counts is None:
+            natural = self._count([n for _, n, _ in self.layers])
+            same = all(r is n for _, n, r in self.layers)
+            self._counts = (natural, natural if same else self._count([r for _, _, r in self.layers]))
+        return self._counts
 
     def natural(self) -> Tensor:
         """[L_moe, E] natural (token, slot) pairs per expert."""
-        return torch.stack([n for _, n, _ in self.layers])
+        return self.counts()[0]
 
     def routed(self) -> Tensor:
         """[L_moe, E] pairs per expert in the routing that ran."""
-        return torch.stack([r for _, _, r in self.layers])
+        return self.counts()[1]
 
     def touched(self) -> Tensor:
         """[L_moe] distinct experts the natural routing of the counted tokens wanted."""
@@ -150,28 +169,6 @@ class MoEControl:
 
 
 _PLAIN = MoEControl()
-
-
-@dataclass
-class PrefixTreeMask:
-    """Visibility of T new tokens written at slots prefix_lens[b] + i: every slot of the committed prefix,
-    plus the new slots whose bit is set in the query's ancestor bitmask row (a chain of ones = causal,
-    T = 1 = decode).
-
-    prefix_lens  [bs] int64 on the model's device (e.g. cache.lengths: graph replays follow it)
-    bits         [bs, T, ceil(T/32)] int32 (spec.tree.ancestor_bitmask)
-    kv_len_hint  longest prefix + T expected (0 = cache capacity); steers the kernel's split count only
-    """
-
-    prefix_lens: Tensor
-    bits: Tensor
-    kv_len_hint: int = 0
-
-    def dense(self, capacity: int) -> Tensor:
-        """-> bool [bs, T, capacity] (the form SDPA takes)."""
-        T = self.bits.shape[1]
-        slots = self.prefix_lens.to(self.bits.device).long()[:, None] + torch.arange(T, device=self.bits.device)
-        return tree_mask(self.prefix_lens, slots, unpack_bits(self.bits, T), capacity)
 
 
 def _use_tree_kernel(x: Tensor, head_dim: int) -> bool:
@@ -367,91 +364,40 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, tokens: Tensor, positions: Tensor, cache=None, slots: Tensor | None = None,
-                mask: Tensor | None = None, moe: MoEControl | None = None,
-                logits_index: Tensor | None = None, hidden_layers: Sequence[int] = (),
-                hidden_out: list | None = None) -> Tensor:
-        """tokens, positions [bs, T] -> logits [bs, T, V] (or [bs, n, V] for logits_index [bs, n]),
-        in the model dtype. See the module docstring for cache / slots / mask / hidden_layers."""
+    def forward(self, tokens: Tensor, geo: "Geometry | Tensor", cache=None, moe: MoEControl | None = None,
+                logits_index: Tensor | None = None, hidden_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """tokens [bs, T], geo (a cache `Geometry`, or positions [bs, T] without a cache) -> (logits
+        [bs, T, V] (or [bs, n, V] for logits_index [bs, n]) in the model dtype, hidden: the states entering
+        `hidden_layers`, [bs, T, h] each). See the module docstring."""
         bs, T = tokens.shape
         n_layers = len(self.layers)
-        if hidden_layers:
-            bad = [i for i in hidden_layers if not 0 <= i <= n_layers]
-            if bad or hidden_out is None:
-                raise ValueError(f"hidden_layers must lie in [0, {n_layers}] and need a hidden_out list "
-                                 f"(got {list(hidden_layers)}, hidden_out={hidden_out!r})")
+        bad = [i for i in hidden_layers if not 0 <= i <= n_layers]
+        if bad:
+            raise ValueError(f"hidden_layers must lie in [0, {n_layers}], got {list(hidden_layers)}")
         if cache is not None:
-            if slots is None:
-                raise ValueError("forward with a cache needs `slots` (get them from cache.reserve(n))")
-            if mask is None:
-                mask = causal_mask(slots, cache.capacity)
-        elif mask is None:
-            mask = causal_mask(torch.arange(T, device=tokens.device).expand(bs, T), T)
+            if isinstance(geo, Tensor):
+                raise ValueError("a forward with a cache needs a Geometry (cache.append(n) or cache.tree_geometry(...))")
+            positions, slots, mask = geo
+        else:
+            positions = geo.positions if not isinstance(geo, Tensor) else geo
+            slots, mask = None, causal_mask(torch.arange(T, device=tokens.device).expand(bs, T), T)
         moe = moe or _PLAIN
         x = self.tok_embeddings(tokens)
-        if isinstance(mask, PrefixTreeMask) and not (cache is not None and _use_tree_kernel(x, self.args.head_dim)):
-            mask = mask.dense(cache.capacity if cache is not None else T)   # once, not per layer
+        if isinstance(mask, PrefixTreeMask) and not _use_tree_kernel(x, self.args.head_dim):
+            mask = mask.dense(cache.capacity)                                   # once, not per layer
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
         captured: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in hidden_layers:
                 captured[i] = x
             x = layer(x, cos, sin, cache, slots, mask, moe)
-        if hidden_layers:
-            captured[n_layers] = x
-            hidden_out.extend(captured[i] for i in hidden_layers)
+        captured[n_layers] = x
+        hidden = [captured[i] for i in hidden_layers]
         if logits_index is not None:
             x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
-        return F.linear(x, self.output_weight())
-
-    def decode_step(self, tokens: Tensor, cache, moe: MoEControl | None = None) -> Tensor:
-        """One autoregressive step for every request: tokens [bs, 1] at position = cache.lengths, written
-        to slot cache.lengths -> logits [bs, V]. Reads only device state (CUDA-graph capturable); the
-        caller checks capacity (cache.reserve(1)) and advances the lengths (cache.advance(1))."""
-        pos = cache.lengths[:, None]
-        ones = torch.ones(tokens.shape[0], 1, 1, dtype=torch.int32, device=tokens.device)
-        return self.forward(tokens, pos, cache, pos, PrefixTreeMask(cache.lengths, ones), moe)[:, -1]
+        return F.linear(x, self.output_weight()), hidden
 
     # ---- accounting -------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def pack_bits(A: Tensor) -> Tensor:
-    """bool [..., T] -> int32 [..., ceil(T/32)] (bit j%32 of word j//32; bit 31 is the sign bit)."""
-    T = A.shape[-1]
-    W = (T + 31) // 32
-    pad = W * 32 - T
-    if pad:
-        A = torch.cat([A, A.new_zeros(A.shape[:-1] + (pad,))], dim=-1)
-    bits = A.reshape(A.shape[:-1] + (W, 32)).long() << torch.arange(32, device=A.device)
-    words = bits.sum(-1)                                       # [0, 2^32) in int64
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-
-
-def unpack_bits(words: Tensor, T: int) -> Tensor:
-    """int32 [..., W] -> bool [..., T] (inverse of pack_bits)."""
-    w = words.long() & 0xFFFFFFFF
-    bits = (w[..., None] >> torch.arange(32, device=words.device)) & 1
-    return bits.reshape(words.shape[:-1] + (-1,))[..., :T].bool()
-
-
-def causal_mask(slots: Tensor, capacity: int) -> Tensor:
-    """slots [bs, T] -> mask [bs, T, capacity]: a query in slot s sees slots 0..s of its request.
-    Right for prefill/decode, where a request's slots 0..s hold its tokens in order."""
-    cols = torch.arange(capacity, device=slots.device)
-    return cols[None, None, :] <= slots[:, :, None]
-
-
-def tree_mask(prefix_lens: Tensor, tree_slots: Tensor, ancestors: Tensor, capacity: int) -> Tensor:
-    """Mask for T tree tokens verified after each request's committed prefix.
-
-    prefix_lens [bs] int, tree_slots [bs, T] (cache slots of the tree tokens, all >= prefix_lens),
-    ancestors [bs, T, T] bool with ancestors[b, i, j] = node j is node i or one of its ancestors
-    -> [bs, T, capacity]: node i sees the prefix and its ancestors' slots (its own included)."""
-    bs, T = tree_slots.shape
-    cols = torch.arange(capacity, device=tree_slots.device)
-    m = (cols[None, None, :] < prefix_lens.to(tree_slots.device)[:, None, None]).expand(bs, T, capacity).clone()
-    m.scatter_(2, tree_slots[:, None, :].expand(bs, T, T).long(), ancestors.bool())
-    return m

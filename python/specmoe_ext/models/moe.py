@@ -13,7 +13,9 @@ Implementations (all read only the experts the routing keeps):
             default on CUDA below FUSED_MAX_PAIRS_PER_EXPERT average (token, slot) pairs per kept
             expert (decode, trees, prefill chunks), where it beats grouped GEMM
             (bench/results/moe_*.json); no host sync, graph capturable; runs the shared expert too.
-  "loop"    per kept expert, a GEMM over its group of rows (host-known offsets: one sync; CPU default).
+  "loop"    per kept expert, a GEMM over its group of rows (host-known offsets: one sync; the CPU
+            fallback where the op's shape rule fails). On the CPU the default is "fused": the op's CPU
+            implementation (C++), so the CPU step reads the device exactly as the GPU step does (never).
   "grouped" `torch._grouped_mm` / `F.grouped_mm` over the Bk groups (CUDA + bf16; CUDA-graph capturable).
   "gather"  per (token, slot) pair, gathers that expert's matrices and uses bmm (any dtype/device, no
             host sync, so CUDA-graph capturable; reads K*N expert matrices -- a fallback only).
@@ -44,16 +46,20 @@ def grouped_mm_available(x: Tensor) -> bool:
     return major >= 8 if tv >= (2, 9) else major == 9
 
 
+def _op_shapes(w13: Tensor | None) -> bool:
+    return w13 is None or (w13.shape[-1] % 64 == 0 and (w13.shape[-2] // 2) % 64 == 0)
+
+
 def fused_available(x: Tensor, w13: Tensor | None = None) -> bool:
     from .. import cuda_kernels_available
     return (x.is_cuda and cuda_kernels_available() and x.dtype in (torch.bfloat16, torch.float16)
-            and (w13 is None or (w13.shape[-1] % 64 == 0 and (w13.shape[-2] // 2) % 64 == 0)))
+            and _op_shapes(w13))
 
 
 def default_impl(x: Tensor, w13: Tensor | None = None, routing_k: int | None = None,
                  num_kept: int | None = None) -> str:
     if not x.is_cuda:
-        return "loop"
+        return "fused" if _op_shapes(w13) else "loop"
     if w13 is not None and fused_available(x, w13):
         K = routing_k if routing_k is not None else 1
         if x.shape[0] * K < FUSED_MAX_PAIRS_PER_EXPERT * (num_kept or w13.shape[0]):

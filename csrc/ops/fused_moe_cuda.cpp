@@ -8,7 +8,7 @@
 #include <torch/library.h>
 
 #include "check.h"
-#include "moe_common.h"
+#include "fused_moe_common.h"
 #include "cuda_device.h"
 
 namespace specmoe {

@@ -6,7 +6,7 @@
 
 #include <cstdlib>
 
-#include "attention_common.h"
+#include "tree_attention_common.h"
 #include "cuda_device.h"
 
 namespace specmoe {

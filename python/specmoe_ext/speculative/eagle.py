@@ -92,11 +92,13 @@ class Eagle3Head(nn.Module):
         """[..., 3ht] target low/mid/high hidden states -> [..., h] head input feature."""
         return self.fc(target_feats.to(self.fc.weight.dtype))
 
-    def forward(self, tokens: Tensor, feats: Tensor, positions: Tensor, cache, slots: Tensor,
-                mask: Tensor) -> tuple[Tensor, Tensor]:
-        """tokens [bs, n], feats [bs, n, h] (fused target features or the head's own previous outputs),
-        positions / slots [bs, n], mask [bs, n, S] -> (out [bs, n, h] pre-norm, logits [bs, n, V] float32
-        over the TARGET vocabulary: -inf outside the draft vocabulary)."""
+    def forward(self, tokens: Tensor, feats: Tensor, geo, cache) -> tuple[Tensor, Tensor]:
+        """tokens [bs, n], feats [bs, n, h] (fused target features or the head's own previous outputs), geo
+        a Geometry of its one-layer cache (positions / slots [bs, n], mask) -> (out [bs, n, h] pre-norm,
+        logits [bs, n, V] float32 over the TARGET vocabulary: -inf outside the draft vocabulary)."""
+        positions, slots, mask = geo
+        if not isinstance(mask, Tensor):              # PrefixTreeMask: the head runs SDPA on the dense form
+            mask = mask.dense(cache.capacity)
         bs, n = tokens.shape
         x = torch.cat([self.input_layernorm(self.embed(tokens).to(feats.dtype)), self.hidden_norm(feats)], -1)
         q = self.q_proj(x).view(bs, n, self.n_heads, self.head_dim)

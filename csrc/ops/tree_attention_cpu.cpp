@@ -4,7 +4,7 @@
 
 #include <limits>
 
-#include "attention_common.h"
+#include "tree_attention_common.h"
 
 namespace specmoe {
 namespace {

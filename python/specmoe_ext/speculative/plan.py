@@ -21,13 +21,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..models.generate import prefill
 from ..models.kv_cache import KVCache
-from ..models.model import MoEControl, Transformer, causal_mask
-from ..models.generate import SamplingParams
+from ..models.model import MoEControl, Transformer
 from . import perf_model as pm
-from .accept import accept
-from .kv import kv_compact
-from .tree import DraftTree
 
 # ridge point (peak FLOP/s / peak bytes/s) used when --ridge-point is not given: H100 bf16 dense
 # (989 TFLOP/s / 3.35 TB/s) on CUDA, a rough 2-core-class CPU figure otherwise
@@ -64,13 +61,9 @@ class _Bench:
     def cache(self, model: Transformer, bs: int) -> KVCache:
         key = (id(model), bs)
         if key not in self.caches:
-            dev = model.tok_embeddings.weight.device
             c = KVCache.for_model(model, bs, self.ctx + self.max_n + 1)
-            slots = c.reserve(self.ctx)
-            toks = torch.randint(0, model.args.vocab_size, (bs, self.ctx), generator=self.gen).to(dev)
-            with torch.no_grad():
-                model(toks, slots, c, slots, causal_mask(slots, c.capacity), logits_index=slots[:, -1:] * 0)
-            c.advance(self.ctx)
+            toks = torch.randint(0, model.args.vocab_size, (bs, self.ctx), generator=self.gen).tolist()
+            prefill(model, toks, c)
             self.caches[key] = c
         return self.caches[key]
 
@@ -78,8 +71,7 @@ class _Bench:
         c = self.cache(model, bs)
         dev = c.device
         c.set_lengths([self.ctx] * bs)
-        slots = c.reserve(n)
-        mask = causal_mask(slots, c.capacity)
+        geo = c.append(n)
         toks = torch.randint(0, model.args.vocab_size, (bs, n), generator=self.gen).to(dev)
         moe = MoEControl()
         if budget is not None:
@@ -87,27 +79,28 @@ class _Bench:
 
         @torch.no_grad()
         def fn():
-            model(toks, slots, c, slots, mask, moe)      # writes past ctx only: the committed prefix is untouched
+            model(toks, geo, c, moe)                     # writes past ctx only: the committed prefix is untouched
         return fn
 
     def reject_fn(self, model: Transformer, bs: int, G: int = 4) -> Callable[[], None]:
+        """Greedy acceptance + KV compaction of a chain:G tree (the verifier's ops) at batch bs."""
+        from .. import ops
         c = self.cache(model, bs)
         dev = c.device
         V = model.args.vocab_size
-        logits = torch.randn(bs, G + 1, V, generator=self.gen).to(dev)
+        logits = torch.randn(bs, G + 1, V, generator=self.gen).to(dev).to(model.tok_embeddings.weight.dtype)
         toks = logits.argmax(-1)                         # drafts = the target's choices: the whole chain is accepted
-        toks = torch.cat([toks[:, :1], toks[:, :-1]], 1)
+        toks = torch.cat([toks[:, :1], toks[:, :-1]], 1).contiguous()
         parent = torch.arange(-1, G, device=dev).expand(bs, G + 1).contiguous()
-        tree = DraftTree.from_parents(toks, parent)
-        prefix = [self.ctx] * bs
-        greedy = SamplingParams()
+        valid = torch.ones(bs, G + 1, dtype=torch.bool, device=dev)
+        seed = torch.zeros(bs, dtype=torch.long, device=dev)
+        offset = torch.zeros_like(seed)
+        lengths = torch.full((bs,), self.ctx, dtype=torch.long, device=dev)
 
         @torch.no_grad()
         def fn():
-            c.set_lengths(prefix)
-            acc = accept(tree, logits, greedy)
-            kv_compact(c, prefix, acc.path, acc.n_accepted.tolist())
-            c.set_lengths(prefix)
+            path, n, _ = ops.tree_accept(logits, toks, parent, valid, seed=seed, offset=offset)
+            ops.kv_compact(c.k + c.v, lengths.clone(), path, n)
         return fn
 
 

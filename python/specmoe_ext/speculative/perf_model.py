@@ -54,7 +54,7 @@ def _need_scipy():
     try:
         from scipy.optimize import least_squares
     except ImportError as e:   # pragma: no cover - depends on the environment
-        raise ImportError("specmoe_ext.spec.perf_model.fit needs scipy (pip install scipy); the rest of the "
+        raise ImportError("specmoe_ext.speculative.perf_model.fit needs scipy (pip install scipy); the rest of the "
                           "performance model (prediction, profiles) works without it") from e
     return least_squares
 

@@ -1,40 +1,50 @@
 """Draft trees: the one representation shared by drafting, verification (attention) and acceptance.
 
 Shape legend: bs requests, T tree nodes per request (node 0 = the root = the last committed token, not yet
-in the target's KV cache), W = ceil(T/32) bitmask words, V vocab, F frontier nodes being expanded,
-k children drafted per frontier node, n nodes created so far while a tree grows, S cache capacity.
+in the target's KV cache), W = ceil(T/32) bitmask words, V vocab, F frontier nodes being expanded, k children
+drafted per frontier node, n nodes created so far while a tree grows, C most children of one node, N_f fed
+(expanded) nodes of a tree.
 
-    DraftTree
-      tokens   [bs, T] int64    token of each node (padding nodes: 0)
+    DraftTree (fixed shape per TreeSpec: T = spec.max_nodes whatever the drafter found)
+      tokens   [bs, T] int64    token of each node (invalid nodes: 0)
       parent   [bs, T] int64    parent node index, -1 for the root; parent[i] < i (topological order)
       depth    [bs, T] int64    root 0; a node's target position is prefix_len + depth
-      valid    [bs, T] bool     False = padding (requests of one batch may have trees of different sizes;
-                                padding nodes hang off the root, are never accepted, never attended by
-                                valid nodes, and are kept out of the experts and the statistics)
+      valid    [bs, T] bool     False = padding: a drafter found no candidate there. Invalid nodes are never
+                                accepted, never attended by valid nodes, and (for drafters that pad) kept out
+                                of the experts and the statistics
       logp     [bs, T] float32  cumulative draft log-probability of the path root..node (root 0); exp(logp)
                                 is the path probability used by MoE-Spec's path token weights
       anc      [bs, T, W] int32 ancestor bitmask: bit j of word j//32 in row i = node j is node i or one of
                                 its ancestors (what the tree-attention kernel reads; `ancestors()` expands it)
-      q        [bs, T, V] float32 or None: the draft distribution each node's children were SAMPLED from
+      fed      [bs, T] int64    fed index: the order in which the drafter expanded (ran) the node, root 0,
+                                -1 for nodes never expanded; a drafter with a cache wrote node i's K/V at
+                                slot prefix + fed[i]
+      kids     [bs, T, C] int64 children of each node in index order, -1 padded (chain / static trees)
+      q        [bs, N_f, V] float32 or None: for SAMPLED trees, the draft distribution each fed node's
+                                children were drawn from (row fed[i] for node i)
       sampled  bool             children were drawn i.i.d. from q (enables the q-aware acceptance rule)
+      max_depth int             spec.max_depth (static: loops over levels need no host read)
 
 Tree shapes (`TreeSpec.parse`): "chain:G" (G drafted tokens in a line), "static:b1,b2,..." (every node at
 depth d-1 gets b_d children: a fixed shape), "dynamic:topk=K,depth=D,tokens=M" (EAGLE-2: expand the K best
 frontier nodes by cumulative draft log-probability for D levels, K children each, then keep the M best
-nodes overall, root included). `build_tree` grows any of them from a `DraftSource` (what drafters
-implement): deterministic children (top-k of the draft distribution) or sampled ones (i.i.d. from q).
+nodes overall, root included). TreeSpec.ROOT is the root alone: a step without speculation.
+
+`build_tree` grows any of them from a `DraftSource` (what drafters implement) with device tensors only: every
+shape is fixed by the spec, so growth never reads the device (CUDA-graph capturable). Children are the top-k
+of the draft distribution, or k i.i.d. draws from it (Philox uniforms: sampled chain / static trees).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
+from ..masks import pack_bits, unpack_bits
 from ..models.generate import SamplingParams, process_logits
-from ..models.model import pack_bits, unpack_bits  # noqa: F401  (re-exported: the tree's bitmask form)
 
 
 class TreeSpecError(ValueError):
@@ -48,11 +58,13 @@ _MAX_NODES = 1024   # a sanity bound: verification attends T x T per request
 class TreeSpec:
     """The shape of the draft tree grown each step (see the module docstring for the string forms)."""
 
-    kind: str                           # "chain" | "static" | "dynamic"
+    kind: str                           # "root" | "chain" | "static" | "dynamic"
     branching: tuple[int, ...] = ()     # chain / static: children per node at depth 1, 2, ...
     top_k: int = 0                      # dynamic
     depth: int = 0                      # dynamic
     tokens: int = 0                     # dynamic: nodes kept, root included
+
+    ROOT: ClassVar["TreeSpec"]
 
     @staticmethod
     def parse(spec: "str | TreeSpec") -> "TreeSpec":
@@ -103,11 +115,17 @@ class TreeSpec:
         return out
 
     def __str__(self) -> str:
+        if self.kind == "root":
+            return "root"
         if self.kind == "chain":
             return f"chain:{len(self.branching)}"
         if self.kind == "static":
             return "static:" + ",".join(map(str, self.branching))
         return f"dynamic:topk={self.top_k},depth={self.depth},tokens={self.tokens}"
+
+    @property
+    def speculates(self) -> bool:
+        return self.kind != "root"
 
     @property
     def max_depth(self) -> int:
@@ -118,8 +136,12 @@ class TreeSpec:
         return self.top_k if self.kind == "dynamic" else self.branching[depth - 1]
 
     @property
+    def max_children(self) -> int:
+        return self.top_k if self.kind == "dynamic" else max(self.branching, default=1)
+
+    @property
     def max_nodes(self) -> int:
-        """Upper bound of T, root included."""
+        """T, root included."""
         if self.kind == "dynamic":
             return self.tokens
         n, level = 1, 1
@@ -128,17 +150,24 @@ class TreeSpec:
             n += level
         return n
 
+    def frontier_widths(self) -> list[int]:
+        """Nodes expanded per level (level d expands F_d nodes at depth d-1 into depth-d children)."""
+        if self.kind == "dynamic":
+            return [1] + [self.top_k] * (self.depth - 1)
+        out, level = [], 1
+        for b in self.branching:
+            out.append(level)
+            level *= b
+        return out
+
     @property
     def fed_nodes(self) -> int:
         """Nodes a drafter runs through its network while growing the tree (root + every expanded
-        frontier node): the KV slots it writes beyond the committed prefix."""
-        if self.kind == "dynamic":
-            return 1 + self.top_k * (self.depth - 1)
-        n, level = 1, 1
-        for b in self.branching[:-1]:
-            level *= b
-            n += level
-        return n
+        frontier node): the KV slots it writes from the root's slot on."""
+        return sum(self.frontier_widths())
+
+
+TreeSpec.ROOT = TreeSpec("root")
 
 
 def _int(text: str, what: str, spec: str, forms: str) -> int:
@@ -150,14 +179,9 @@ def _int(text: str, what: str, spec: str, forms: str) -> int:
 
 # ---- the tree ------------------------------------------------------------------------------------------
 
-def ancestor_bitmask(parent: Tensor) -> Tensor:
-    """parent [bs, T] (-1 root, parent[i] < i) -> ancestor bitmask [bs, T, ceil(T/32)] int32."""
-    return pack_bits(ancestors_from_parent(parent))
-
-
 def ancestors_from_parent(parent: Tensor) -> Tensor:
-    """parent [bs, T] -> bool [bs, T, T], A[b, i, j] = node j is node i or an ancestor of node i.
-    Row i is row parent[i] plus bit i; rows are filled in index order (parents come first)."""
+    """parent [bs, T] (-1 root, parent[i] < i) -> bool [bs, T, T], A[b, i, j] = node j is node i or an
+    ancestor of node i. Row i is row parent[i] plus bit i; rows are filled in index order (parents first)."""
     bs, T = parent.shape
     A = torch.eye(T, dtype=torch.bool, device=parent.device).repeat(bs, 1, 1)
     rows = torch.arange(bs, device=parent.device)
@@ -165,6 +189,22 @@ def ancestors_from_parent(parent: Tensor) -> Tensor:
         p = parent[:, i].clamp_min(0)
         A[:, i] |= A[rows, p] & (parent[:, i] >= 0)[:, None]
     return A
+
+
+def ancestor_bitmask(parent: Tensor) -> Tensor:
+    """parent [bs, T] (-1 root, parent[i] < i) -> ancestor bitmask [bs, T, ceil(T/32)] int32."""
+    return pack_bits(ancestors_from_parent(parent))
+
+
+def children_table(parent: Tensor, valid: Tensor, C: int) -> Tensor:
+    """parent / valid [bs, T] -> [bs, T, C] the first C valid children of each node in index order, -1
+    padded (no host read)."""
+    bs, T = parent.shape
+    idx = torch.arange(T, device=parent.device)
+    is_child = (parent[:, None, :] == idx[None, :, None]) & valid[:, None, :]          # [bs, node, child]
+    key = torch.where(is_child, idx.expand(bs, T, T), T + idx.expand(bs, T, T))          # children first
+    order = key.sort(-1).values[..., :C]
+    return torch.where(order < T, order, torch.full_like(order, -1))
 
 
 @dataclass
@@ -175,16 +215,18 @@ class DraftTree:
     valid: Tensor
     logp: Tensor
     anc: Tensor
+    fed: Tensor
+    kids: Tensor | None
+    max_depth: int
     q: Tensor | None = None
     sampled: bool = False
-    _anc_bool: Tensor | None = field(default=None, repr=False)
 
     @staticmethod
-    def from_parents(tokens: Tensor, parent: Tensor, valid: Tensor | None = None, logp: Tensor | None = None,
-                     q: Tensor | None = None, sampled: bool = False, ancestors: Tensor | None = None) -> "DraftTree":
-        """Build (and check) a tree from tokens [bs, T] and parent [bs, T]; depth and the ancestor
-        bitmask are derived (`ancestors` [bs, T, T] bool may be passed when the caller already has it).
-        Raises ValueError on a malformed structure."""
+    def from_parents(tokens: Tensor, parent: Tensor, valid: Tensor | None = None,
+                     logp: Tensor | None = None) -> "DraftTree":
+        """A checked tree from tokens [bs, T] and parent [bs, T] (tests, hand-made trees): depth, the
+        ancestor bitmask and the children table are derived. Reads the device (validation); raises
+        ValueError on a malformed structure. Drafters build trees with `build_tree` instead."""
         if tokens.dim() != 2 or parent.shape != tokens.shape:
             raise ValueError(f"DraftTree: tokens and parent must both be [bs, T]; got {tuple(tokens.shape)}, "
                              f"{tuple(parent.shape)}")
@@ -194,15 +236,23 @@ class DraftTree:
             raise ValueError("DraftTree: node 0 must be the root (parent -1)")
         if T > 1 and bool(((parent[:, 1:] < 0) | (parent[:, 1:] >= idx[1:])).any()):
             raise ValueError("DraftTree: every non-root node needs a parent with a smaller index")
-        A = ancestors_from_parent(parent) if ancestors is None else ancestors.bool()
+        parent = parent.long().contiguous()
+        A = ancestors_from_parent(parent)
         depth = A.sum(-1) - 1
         valid = torch.ones_like(tokens, dtype=torch.bool) if valid is None else valid.bool()
         logp = torch.zeros(bs, T, dtype=torch.float32, device=tokens.device) if logp is None else logp.float()
-        if q is not None and q.shape[:2] != (bs, T):
-            raise ValueError(f"DraftTree: q must be [bs, T, V], got {tuple(q.shape)}")
-        if sampled and q is None:
-            raise ValueError("DraftTree: a sampled tree needs the draft distribution q")
-        return DraftTree(tokens.long(), parent.long(), depth, valid, logp, pack_bits(A), q, sampled, A)
+        C = max(int((parent[:, :, None] == idx).sum(1).max()), 1)
+        return DraftTree(tokens.long().contiguous(), parent, depth, valid.contiguous(), logp, pack_bits(A),
+                         torch.full_like(parent, -1), children_table(parent, valid, C), int(depth.max()))
+
+    @staticmethod
+    def root_only(roots: Tensor) -> "DraftTree":
+        """The tree of a step without speculation: the root alone (roots [bs] int64)."""
+        bs = roots.shape[0]
+        col = lambda v, dtype: torch.full((bs, 1), v, dtype=dtype, device=roots.device)  # noqa: E731
+        return DraftTree(roots[:, None].long(), col(-1, torch.long), col(0, torch.long), col(True, torch.bool),
+                         col(0.0, torch.float32), col(1, torch.int32)[..., None], col(0, torch.long),
+                         col(-1, torch.long)[..., None], 0)
 
     @property
     def bs(self) -> int:
@@ -212,66 +262,45 @@ class DraftTree:
     def T(self) -> int:
         return self.tokens.shape[1]
 
-    def max_depth(self) -> int:
-        return int(self.depth.max())
-
     def ancestors(self) -> Tensor:
-        """[bs, T, T] bool, from the bitmask (cached)."""
-        if self._anc_bool is None:
-            self._anc_bool = unpack_bits(self.anc, self.T)
-        return self._anc_bool
+        """[bs, T, T] bool, from the bitmask."""
+        return unpack_bits(self.anc, self.T)
 
     def n_valid(self) -> Tensor:
         return self.valid.sum(1)
-
-    def positions(self, prefix_lens: Tensor) -> Tensor:
-        """[bs, T] target positions: prefix_len + depth (the root sits right after the prefix)."""
-        return prefix_lens.to(self.depth.device)[:, None] + self.depth
-
-    def slots(self, prefix_lens: Tensor) -> Tensor:
-        """[bs, T] cache slots of the nodes during verification: prefix_len + node index."""
-        return prefix_lens.to(self.depth.device)[:, None] + torch.arange(self.T, device=self.depth.device)
-
-    def children(self) -> Tensor:
-        """[bs, T, C] valid children of each node in index order, -1 padded (C = most children of a node)."""
-        bs, T = self.tokens.shape
-        is_child = (self.parent[:, None, :] == torch.arange(T, device=self.parent.device)[None, :, None]) \
-            & self.valid[:, None, :]                                             # [bs, node, child]
-        C = max(int(is_child.sum(-1).max()), 1)
-        idx = torch.arange(T, device=self.parent.device).expand(bs, T, T)
-        key = torch.where(is_child, idx, T + idx)                                # children first, in order
-        order = key.sort(-1).values[..., :C]
-        return torch.where(order < T, order, torch.full_like(order, -1))
 
 
 # ---- growing a tree from a drafter ------------------------------------------------------------------
 
 class DraftSource(Protocol):
-    """What a drafter implements so `build_tree` can grow any tree shape from it."""
+    """What a drafter implements so `build_tree` can grow any tree shape from it (device tensors only)."""
 
     def root_logits(self) -> Tensor:
-        """[bs, V] float32 logits of the root's children (-inf = never propose). The drafter may first
-        catch up on committed tokens it has not seen."""
+        """[bs, V] float32 logits of the root's children (-inf = never propose). The drafter first catches
+        up on committed tokens it has not seen; the root is fed index 0."""
 
-    def expand(self, nodes: Tensor, tree: "GrowingTree") -> Tensor:
-        """nodes [bs, F] (indices into `tree`, all already created) -> [bs, F, V] float32 logits of their
-        children. `tree` gives tokens / parent / depth / ancestors of every node created so far."""
+    def expand(self, nodes: Tensor, tree: "GrowingTree", fed: int) -> Tensor:
+        """nodes [bs, F] (indices into `tree`, all already created, fed indices fed .. fed + F - 1) ->
+        [bs, F, V] float32 logits of their children. `tree` gives tokens / parent / depth / ancestors / fed
+        indices of every node created so far."""
 
 
 class GrowingTree:
     """A tree under construction: nodes are appended level by level (creation order is topological)."""
 
-    def __init__(self, root_tokens: Tensor):
+    def __init__(self, root_tokens: Tensor, max_children: int):
         bs = root_tokens.shape[0]
         dev = root_tokens.device
-        self.bs, self.device = bs, dev
+        self.bs, self.device, self.C = bs, dev, max_children
         self.tokens = root_tokens.long()[:, None]
         self.parent = torch.full((bs, 1), -1, dtype=torch.long, device=dev)
         self.depth = torch.zeros(bs, 1, dtype=torch.long, device=dev)
         self.score = torch.zeros(bs, 1, dtype=torch.float32, device=dev)
         self.valid = torch.ones(bs, 1, dtype=torch.bool, device=dev)
         self.anc = torch.ones(bs, 1, 1, dtype=torch.bool, device=dev)
-        self.q: Tensor | None = None             # [bs, n_q, V] draft distributions of expanded nodes
+        self.fed = torch.full((bs, 1), -1, dtype=torch.long, device=dev)
+        self.kids = torch.full((bs, 1, max_children), -1, dtype=torch.long, device=dev)
+        self.q: list[Tensor] = []                # per level [bs, F, V]: draft distributions of fed nodes
 
     @property
     def n(self) -> int:
@@ -280,32 +309,35 @@ class GrowingTree:
     def gather(self, t: Tensor, nodes: Tensor) -> Tensor:
         return torch.gather(t, 1, nodes)
 
+    def rows_of(self, t: Tensor, nodes: Tensor) -> Tensor:
+        """t [bs, n, ...] -> t[b, nodes[b, f]] [bs, F, ...]."""
+        return t[torch.arange(self.bs, device=self.device)[:, None], nodes]
+
+    def mark_fed(self, nodes: Tensor, first: int) -> None:
+        F = nodes.shape[1]
+        self.fed = self.fed.scatter(1, nodes, first + torch.arange(F, device=self.device).expand(self.bs, F))
+
     def add(self, tokens: Tensor, parents: Tensor, depth: int, score: Tensor, valid: Tensor) -> Tensor:
         """Append children (all [bs, m]) -> their node indices [bs, m]."""
         bs, m = tokens.shape
-        n = self.n
+        n, dev = self.n, self.device
         self.tokens = torch.cat([self.tokens, tokens.long()], 1)
         self.parent = torch.cat([self.parent, parents], 1)
         self.depth = torch.cat([self.depth, torch.full_like(parents, depth)], 1)
         self.score = torch.cat([self.score, score], 1)
         self.valid = torch.cat([self.valid, valid], 1)
-        rows = torch.arange(bs, device=self.device)[:, None]
-        pa = self.anc[rows, parents]                                             # [bs, m, n]
-        new = torch.cat([pa, torch.zeros(bs, m, m, dtype=torch.bool, device=self.device)], 2)
-        new[:, torch.arange(m), n + torch.arange(m)] = True
+        self.fed = torch.cat([self.fed, torch.full_like(parents, -1)], 1)
+        self.kids = torch.cat([self.kids, torch.full((bs, m, self.C), -1, dtype=torch.long, device=dev)], 1)
+        pa = self.rows_of(self.anc, parents)                                      # [bs, m, n]
+        new = torch.cat([pa, torch.eye(m, dtype=torch.bool, device=dev).expand(bs, m, m)], 2)
         self.anc = torch.cat([torch.cat([self.anc, self.anc.new_zeros(bs, n, m)], 2), new], 1)
-        return n + torch.arange(m, device=self.device).expand(bs, m)
+        return n + torch.arange(m, device=dev).expand(bs, m)
 
-    def store_q(self, nodes: Tensor, q: Tensor) -> None:
-        """Remember q [bs, F, V], the draft distribution of the children of nodes [bs, F]."""
-        need = int(nodes.max()) + 1
-        V = q.shape[-1]
-        if self.q is None:
-            self.q = torch.zeros(self.bs, need, V, dtype=torch.float32, device=self.device)
-        elif self.q.shape[1] < need:
-            self.q = torch.cat([self.q, self.q.new_zeros(self.bs, need - self.q.shape[1], V)], 1)
+    def set_kids(self, nodes: Tensor, children: Tensor) -> None:
+        """children [bs, F, k] of nodes [bs, F] (k <= C)."""
+        k = children.shape[-1]
         rows = torch.arange(self.bs, device=self.device)[:, None]
-        self.q[rows, nodes] = q.float()
+        self.kids[rows, nodes, :k] = children
 
 
 def _safe_log_softmax(logits: Tensor) -> Tensor:
@@ -328,103 +360,102 @@ def draft_distribution(logits: Tensor, sampling: SamplingParams) -> Tensor:
     return q.reshape(shape)
 
 
-def _topk(lp: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k along the last dim, best first. Exact ties between draft logits are broken by the device's
-    topk (deterministic per device); acceptance never depends on which tied token was proposed."""
-    return torch.topk(lp, k, dim=-1, sorted=True)
+def sample_rows(p: Tensor, u: Tensor) -> Tensor:
+    """Inverse-CDF draws: p [..., V] (non-negative, any scale), u [..., k] in [0, 1) -> [..., k] int64.
+    Tokens with zero mass are never drawn (first index whose cumulative mass exceeds u * total)."""
+    cdf = p.float().cumsum(-1)
+    x = (u.float() * cdf[..., -1:]).contiguous()
+    return torch.searchsorted(cdf.contiguous(), x, right=True).clamp(max=p.shape[-1] - 1)
+
+
+DRAFT_STREAM = 16   # Philox stream of level d's draws: DRAFT_STREAM + d (acceptance uses 0..2)
 
 
 def build_tree(source: DraftSource, spec: TreeSpec, root_tokens: Tensor, *, sample: bool = False,
-               sampling: SamplingParams | None = None, generators: Sequence[torch.Generator] | None = None,
-               keep_q: bool = False) -> DraftTree:
-    """Grow one draft tree per request from `source`.
+               sampling: SamplingParams | None = None,
+               uniforms: Callable[[int, int], Tensor] | None = None) -> DraftTree:
+    """Grow one draft tree per request from `source`, with fixed shapes (T = spec.max_nodes).
 
     root_tokens [bs]: the last committed token of each request. sample=False: each frontier node's
-    children are the top-k tokens of its draft distribution (distinct tokens). sample=True
-    (chain / static only): k i.i.d. draws from q = draft_distribution(logits, sampling), one
-    torch.Generator per request, and q is stored on the tree (the q-aware rule needs it); keep_q also
-    stores q for deterministic trees. Nodes whose logits are all -inf get no children (the tree is then
-    padded: see DraftTree.valid). Scores are cumulative log-probabilities at temperature 1.
+    children are the top-k tokens of its draft distribution (distinct tokens). sample=True (chain /
+    static only): k i.i.d. draws from q = draft_distribution(logits, sampling) with uniforms(n, stream)
+    -> [bs, n] (Philox per request: `ops.philox_uniform`), and q is stored on the tree (the q-aware rule
+    needs it). Nodes whose logits are all -inf get no children (their would-be children are invalid).
+    Scores are cumulative log-probabilities at temperature 1.
     """
     if sample and spec.kind == "dynamic":
         raise ValueError("sampled drafting applies to chain / static trees; dynamic trees pick top-k "
                          "children deterministically (accept them with the target-sampling rule)")
-    if sample and (sampling is None or generators is None or len(generators) != root_tokens.shape[0]):
-        raise ValueError("build_tree(sample=True) needs sampling params and one generator per request")
-    g = GrowingTree(root_tokens)
+    if sample and (sampling is None or uniforms is None):
+        raise ValueError("build_tree(sample=True) needs sampling params and a uniform source")
+    if not spec.speculates:
+        return DraftTree.root_only(root_tokens)
+    g = GrowingTree(root_tokens, spec.max_children)
     bs = g.bs
     frontier = torch.zeros(bs, 1, dtype=torch.long, device=g.device)
-    logits = source.root_logits().float()[:, None]                              # [bs, 1, V]
-    for d in range(1, spec.max_depth + 1):
-        if d > 1:
-            logits = source.expand(frontier, g).float()                         # [bs, F, V]
-        F, V = logits.shape[1], logits.shape[2]
+    fed = 0
+    for d, F in enumerate(spec.frontier_widths(), start=1):
+        g.mark_fed(frontier, fed)
+        logits = (source.root_logits()[:, None] if d == 1 else source.expand(frontier, g, fed)).float()
+        fed += F
+        V = logits.shape[-1]
         k = min(spec.children_at(d), V)
         lp = _safe_log_softmax(logits)
-        if sample or keep_q:
-            q = draft_distribution(logits, sampling or SamplingParams(temperature=1.0))   # [bs, F, V]
-            g.store_q(frontier, q)
         if sample:
-            draws = []
-            for b in range(bs):
-                ok = q[b].sum(-1, keepdim=True) > 0        # rows without candidates: dummy draws, invalid
-                qb = torch.where(ok, q[b], torch.ones_like(q[b]))
-                draws.append(torch.multinomial(qb, k, replacement=True, generator=generators[b]))
-            tok = torch.stack(draws)                                             # [bs, F, k]
+            q = draft_distribution(logits, sampling)                                   # [bs, F, V]
+            g.q.append(q)
+            tok = sample_rows(q, uniforms(F * k, DRAFT_STREAM + d).view(bs, F, k))     # [bs, F, k]
             clp = lp.gather(2, tok)
         else:
-            clp, tok = _topk(lp, k)                                              # [bs, F, k]
+            clp, tok = torch.topk(lp, k, dim=-1, sorted=True)                        # [bs, F, k]
         cvalid = g.gather(g.valid, frontier)[..., None] & torch.isfinite(clp)
         cscore = g.gather(g.score, frontier)[..., None] + torch.where(cvalid, clp, torch.zeros_like(clp))
         cscore = torch.where(cvalid, cscore, torch.full_like(cscore, float("-inf")))
         parents = frontier[..., None].expand(bs, F, k)
         ids = g.add(tok.reshape(bs, F * k), parents.reshape(bs, F * k), d, cscore.reshape(bs, F * k),
                     cvalid.reshape(bs, F * k))
+        g.set_kids(frontier, ids.view(bs, F, k))
         if spec.kind == "dynamic":      # EAGLE-2: expand only the top_k best new nodes next
             m = min(spec.top_k, F * k)
             best = torch.sort(cscore.reshape(bs, F * k), dim=1, descending=True, stable=True).indices[:, :m]
             frontier = torch.gather(ids, 1, best)
         else:
             frontier = ids
-    return _finalize(g, spec, sampled=sample, keep_q=sample or keep_q)
+    return _finalize(g, spec, sample)
 
 
-def _finalize(g: GrowingTree, spec: TreeSpec, sampled: bool, keep_q: bool) -> DraftTree:
-    """Select the nodes to keep, compact the valid ones to the front, re-index parents, pad the batch."""
+def _finalize(g: GrowingTree, spec: TreeSpec, sampled: bool) -> DraftTree:
+    """The fixed-shape tree: chain / static keep every created node in creation order (invalid ones in
+    place); dynamic keeps the spec.tokens best nodes by score (root first; closed under ancestors), in
+    creation order, with invalid kept nodes re-hung under the root."""
     bs, n, dev = g.bs, g.n, g.device
-    if spec.kind == "dynamic":
-        key = torch.where(g.valid, g.score, torch.full_like(g.score, float("-inf")))
-        key[:, 0] = float("inf")                                   # the root is always kept
-        order = torch.sort(key, dim=1, descending=True, stable=True).indices   # ties: created first
-        cap = min(spec.tokens, n)
-    else:
-        order = torch.sort((~g.valid).long(), dim=1, stable=True).indices      # valid first, in order
-        cap = n
-    T = max(1, min(cap, int(g.valid.sum(1).max())))
-    sel = order[:, :T]
-    sel = torch.sort(sel, dim=1).values           # creation order: parents before children
+    q = torch.cat(g.q, 1) if sampled else None
+    if spec.kind != "dynamic":
+        tokens = torch.where(g.valid, g.tokens, torch.zeros_like(g.tokens))
+        logp = torch.where(g.valid, g.score, torch.full_like(g.score, float("-inf")))
+        logp[:, 0] = 0.0
+        return DraftTree(tokens, g.parent, g.depth, g.valid, logp, pack_bits(g.anc), g.fed, g.kids,
+                         spec.max_depth, q, sampled)
+    T = spec.tokens
+    key = torch.where(g.valid, g.score, torch.full_like(g.score, float("-inf")))
+    key[:, 0] = float("inf")                                   # the root is always kept
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices   # ties: created first
+    sel = torch.sort(order[:, :T], dim=1).values               # creation order: parents before children
     keep = torch.gather(g.valid, 1, sel)
     # Score-ordered selection is closed under ancestors (a child's score <= its parent's, ties broken
     # towards the earlier-created parent); padding (invalid) nodes are re-hung under the root.
-    new_of = torch.full((bs, n), -1, dtype=torch.long, device=dev)
-    new_of.scatter_(1, sel, torch.arange(T, device=dev).expand(bs, T))
+    ar = torch.arange(T, device=dev)
+    new_of = torch.full((bs, n), -1, dtype=torch.long, device=dev).scatter(1, sel, ar.expand(bs, T))
     old_parent = torch.gather(g.parent, 1, sel)
     parent = torch.where(old_parent >= 0, torch.gather(new_of, 1, old_parent.clamp_min(0)), old_parent)
-    if bool((keep & (parent < 0) & (torch.arange(T, device=dev) > 0)).any()):
-        raise AssertionError("draft tree selection dropped the parent of a kept node")
-    parent = torch.where(keep | (torch.arange(T, device=dev) == 0), parent, torch.zeros_like(parent))
+    parent = torch.where(keep | (ar == 0), parent, torch.zeros_like(parent))
     parent[:, 0] = -1
     tokens = torch.where(keep, torch.gather(g.tokens, 1, sel), torch.zeros_like(sel))
     logp = torch.where(keep, torch.gather(g.score, 1, sel), torch.full((bs, T), float("-inf"), device=dev))
     logp[:, 0] = 0.0
-    q = None
-    if keep_q and g.q is not None:      # nodes never expanded (leaves) get q = 0
-        qd, V = g.q, g.q.shape[-1]
-        src = sel.clamp(max=qd.shape[1] - 1)
-        q = torch.gather(qd, 1, src[..., None].expand(bs, T, V))
-        q = torch.where((sel < qd.shape[1])[..., None], q, torch.zeros_like(q))
+    depth = torch.where(keep, torch.gather(g.depth, 1, sel), (ar > 0).long().expand(bs, T))
     # ancestors of the kept nodes, straight from the growing tree's matrix (padding: root + itself)
     A = g.anc[torch.arange(bs, device=dev)[:, None, None], sel[:, :, None], sel[:, None, :]]
-    eye = torch.eye(T, dtype=torch.bool, device=dev)
-    A = torch.where(keep[:, :, None], A, eye | (torch.arange(T, device=dev) == 0))
-    return DraftTree.from_parents(tokens, parent, valid=keep, logp=logp, q=q, sampled=sampled, ancestors=A)
+    A = torch.where(keep[:, :, None], A, torch.eye(T, dtype=torch.bool, device=dev) | (ar == 0))
+    fed = torch.where(keep, torch.gather(g.fed, 1, sel), torch.full_like(sel, -1))
+    return DraftTree(tokens, parent, depth, keep, logp, pack_bits(A), fed, None, spec.max_depth, None, False)

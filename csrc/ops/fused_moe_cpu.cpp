@@ -2,7 +2,7 @@
 // (ATen), accumulated in float32 in slot order. Reads the routing on the host (it is on the CPU).
 #include <torch/library.h>
 
-#include "moe_common.h"
+#include "fused_moe_common.h"
 
 namespace specmoe {
 namespace {
