@@ -88,6 +88,7 @@ class StepRunner:
         self.pool = None
         self.capture_s = 0.0
         self.replays = 0
+        self.marks_in_graphs = True
 
     def reset(self) -> None:
         self.entries = {}
@@ -151,14 +152,19 @@ class StepRunner:
         self.capture_s += time.perf_counter() - t0
 
     def _capture_one(self, fn):
-        for external in (True, False):       # phase events inside the graph need external events
-            graph = torch.cuda.CUDAGraph()
-            marks = _EventMarks(external=True) if external else None
+        """One capture of the step; phase events inside the graph need `external` events (if this torch
+        cannot record them in a capture, the graph is captured without phase marks: step times only)."""
+        if self.marks_in_graphs:
+            graph, marks = torch.cuda.CUDAGraph(), _EventMarks(external=True)
             try:
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    out = fn(marks.mark if marks is not None else (lambda name: None))
+                    out = fn(marks.mark)
                 return graph, out, marks
-            except RuntimeError:
-                if not external:
-                    raise
-        raise AssertionError("unreachable")
+            except Exception as err:                      # TypeError (no `external`) or a capture error
+                warnings.warn(f"CUDA graphs without phase events ({type(err).__name__}: {str(err)[:120]})")
+                self.marks_in_graphs = False
+                torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn(lambda name: None)
+        return graph, out, None
