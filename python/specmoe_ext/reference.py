@@ -349,9 +349,9 @@ def _draw(p: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, (u.float() * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=p.shape[-1] - 1)
 
 
-def accept_target_sampling(tokens: Tensor, parent: Tensor, valid: Tensor, p: Tensor, u: Tensor):
-    """Any tree: at the current node draw y ~ p[node] with u[., node]; move to the first valid child carrying
-    y, else emit y as the bonus token."""
+def _walk(tokens: Tensor, parent: Tensor, choose) -> tuple[Tensor, Tensor, Tensor]:
+    """Root-to-leaf acceptance walk: at each level, choose(rows, cur, alive) -> (chosen child [bs] or -1,
+    the token to emit if no child is chosen [bs]); moves there or stops with that bonus token."""
     bs, T = tokens.shape
     dev = tokens.device
     D = int(_depth(parent).max())
@@ -362,35 +362,36 @@ def accept_target_sampling(tokens: Tensor, parent: Tensor, valid: Tensor, p: Ten
     path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
     path[:, 0] = 0
     for level in range(D + 1):
-        y = _draw(p[rows, cur], u[rows, cur])
-        match = (parent == cur[:, None]) & (tokens == y[:, None]) & valid
-        has = match.any(1) & alive
-        child = match.long().argmax(1)
+        chosen, y = choose(rows, cur, alive)
+        has = alive & (chosen >= 0)
         if level < D:
-            path[:, level + 1] = torch.where(has, child, path[:, level + 1])
+            path[:, level + 1] = torch.where(has, chosen, path[:, level + 1])
         n += has.long()
         bonus = torch.where(alive & ~has, y, bonus)
-        cur, alive = torch.where(has, child, cur), has
+        cur, alive = torch.where(has, chosen, cur), has
     return path, n, bonus
+
+
+def accept_target_sampling(tokens: Tensor, parent: Tensor, valid: Tensor, p: Tensor, u: Tensor):
+    """Any tree: at the current node draw y ~ p[node] with u[., node]; move to the first valid child carrying
+    y, else emit y as the bonus token."""
+    def choose(rows, cur, alive):
+        y = _draw(p[rows, cur], u[rows, cur])
+        match = (parent == cur[:, None]) & (tokens == y[:, None]) & valid
+        return torch.where(match.any(1), match.long().argmax(1), torch.full_like(y, -1)), y
+    return _walk(tokens, parent, choose)
 
 
 def accept_q_aware(tokens: Tensor, parent: Tensor, valid: Tensor, p: Tensor, q: Tensor, u: Tensor, u_res: Tensor):
     """Trees whose children were drawn i.i.d. from q[node] (recursive rejection, SpecInfer): children in index
     order; child x accepted when u[., x] * q(x) < p(x), else p <- normalize(max(p - q, 0)); when every child is
     rejected the bonus is drawn from the final residual with u_res[., node]. p, q [bs, T, V]."""
-    bs, T = tokens.shape
-    dev = tokens.device
-    D = int(_depth(parent).max())
-    rows = torch.arange(bs, device=dev)
-    cur = torch.zeros(bs, dtype=torch.long, device=dev)
-    alive = torch.ones(bs, dtype=torch.bool, device=dev)
-    n, bonus = torch.zeros_like(cur), torch.zeros_like(cur)
-    path = torch.full((bs, D + 1), -1, dtype=torch.long, device=dev)
-    path[:, 0] = 0
-    for level in range(D + 1):
+    T = tokens.shape[1]
+
+    def choose(rows, cur, alive):
         pr, qc = p[rows, cur].float(), q[rows, cur].float()
-        chosen = torch.full((bs,), -1, dtype=torch.long, device=dev)
-        for b in range(bs):
+        chosen = torch.full_like(cur, -1)
+        for b in range(len(rows)):
             if not bool(alive[b]):
                 continue
             for c in range(int(cur[b]) + 1, T):
@@ -403,11 +404,5 @@ def accept_q_aware(tokens: Tensor, parent: Tensor, valid: Tensor, p: Tensor, q: 
                 resid = (pr[b] - qc[b]).clamp_min(0)
                 if float(resid.sum()) > 0:
                     pr[b] = resid / resid.sum()
-        has = alive & (chosen >= 0)
-        y = _draw(pr, u_res[rows, cur])
-        if level < D:
-            path[:, level + 1] = torch.where(has, chosen, path[:, level + 1])
-        n += has.long()
-        bonus = torch.where(alive & ~has, y, bonus)
-        cur, alive = torch.where(has, chosen, cur), has
-    return path, n, bonus
+        return chosen, _draw(pr, u_res[rows, cur])
+    return _walk(tokens, parent, choose)

@@ -6,7 +6,8 @@ max_depth), T tree nodes, L_moe MoE layers, n_stop stop tokens.
     SpecBatch (every field is updated in place, so a CUDA graph captured once replays against it)
       cache      the target's KVCache; cache.lengths[b] = L_b committed tokens in the cache
       root       [bs] int64   the last committed token (not yet in the cache; position and slot L_b)
-      history    [bs, S] int64 committed tokens: history[b, :L_b + 1] = prompt + generated (root last)
+      history    [bs, S] int64 committed tokens: history[b, :L_b + 1] = prompt + generated (root last;
+                              kept when a drafter reads it, i.e. not for plain decoding)
       prefix     [bs] int64   L_b at the start of the current step (the verifier advances cache.lengths)
       generated  [bs] int64   tokens emitted so far (the first one came from the prefill)
       finished   [bs] bool    stop token emitted or max_new_tokens reached: the row is frozen (its length,
@@ -75,13 +76,14 @@ class SpecBatch:
     """Device state of one batch of requests (see the module docstring). Buffers are allocated once for
     (cache, n_stop) and reused by later batches of the same size: `start` refills them."""
 
-    def __init__(self, cache: KVCache, n_stop: int = 8):
+    def __init__(self, cache: KVCache, n_stop: int = 8, track_history: bool = True):
         bs, S, dev = cache.full_batch_size, cache.capacity, cache.device
         self.cache = cache
         z = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
         self._full = dict(root=z(bs), history=z(bs, S), prefix=z(bs), generated=z(bs),
                           finished=z(bs, dtype=torch.bool), max_new=z(bs), seed=z(bs), offset=z(bs))
         self.stop = torch.full((n_stop,), -1, dtype=torch.long, device=dev)
+        self.track_history = track_history     # drafters read batch.history; plain decoding needs none
         self._views(bs)
         self.rows: list[int] = list(range(bs))
         self.prompts: list[list[int]] = []
@@ -163,30 +165,27 @@ class SpecBatch:
         return self.history[b, :n].tolist()
 
     # ---- device side: inside the step -----------------------------------------------------------------
-    def commit(self, emitted: Tensor, n_accepted: Tensor, n_valid: Tensor, stats=None) -> Tensor:
+    def commit(self, emitted: Tensor, n_accepted: Tensor, bonus: Tensor, n_valid: Tensor, stats=None) -> Tensor:
         """emitted [bs, D+1] (accepted draft tokens, then the bonus token at index n_accepted), after the
         verifier advanced cache.lengths by n_accepted + 1 -> the packed record. Stop tokens and
         max_new_tokens are applied here; rows finished before this step keep their state."""
-        bs, W = emitted.shape
+        W = emitted.shape[1]
         j = torch.arange(W, device=emitted.device)
         live = ~self.finished
-        within = j <= n_accepted[:, None]
-        is_stop = (emitted[..., None] == self.stop).any(-1) & within                       # [bs, W]
-        first_stop = torch.where(is_stop.any(1), is_stop.int().argmax(1), torch.full_like(n_accepted, W))
-        count = torch.minimum(n_accepted + 1, first_stop + 1)
-        count = torch.minimum(count, self.max_new - self.generated).clamp_min(0)
-        count = torch.where(live, count, torch.zeros_like(count))
-        done = live & (((first_stop + 1 == count) & (first_stop < W)) | (self.generated + count >= self.max_new))
-        S = self.history.shape[1]
-        idx = (self.prefix[:, None] + 1 + j).clamp(max=S - 1)
-        keep_old = self.history.gather(1, idx)
-        self.history.scatter_(1, idx, torch.where(j < count[:, None], emitted, keep_old))
+        # a step emits tokens j <= n: cut after the first stop token among them, and at max_new_tokens
+        is_stop = (emitted[..., None] == self.stop).any(-1) & (j <= n_accepted[:, None])
+        stop_at = torch.where(is_stop, j, W).amin(1)                                   # W: no stop token
+        count = (torch.minimum(torch.minimum(n_accepted, stop_at) + 1, self.max_new - self.generated)
+                 .clamp_min(0) * live)
+        done = live & ((stop_at < count) | (self.generated + count >= self.max_new))
+        if self.track_history:
+            idx = (self.prefix[:, None] + 1 + j).clamp(max=self.history.shape[1] - 1)
+            self.history.scatter_(1, idx, torch.where(j < count[:, None], emitted, self.history.gather(1, idx)))
         self.generated.add_(count)
-        self.root.copy_(torch.where(live, emitted.gather(1, n_accepted[:, None].clamp(0, W - 1))[:, 0], self.root))
-        lengths = self.cache.lengths
-        lengths.copy_(torch.where(live, lengths, self.prefix))
-        self.finished.copy_(self.finished | done)
-        parts = [count, self.finished.long(), n_accepted, n_valid.long(), emitted.flatten()]
+        self.root.copy_(torch.where(live, bonus, self.root))
+        self.cache.lengths.copy_(torch.where(live, self.cache.lengths, self.prefix))
+        self.finished.logical_or_(done)
+        parts = [count, self.finished.long(), n_accepted, n_valid, emitted.flatten()]
         if stats is not None:
             parts += [stats.touched(), stats.loaded()]
         return torch.cat(parts)

@@ -191,17 +191,26 @@ class SpecEngine:
         dev = self.target.tok_embeddings.weight.device
         if cache is not None:
             if ws is None or not ws.batch.fits(cache, n_stop):
-                ws = _Workspace(SpecBatch(cache, max(8, n_stop)), StepRunner(dev, self.cuda_graph), False)
+                ws = _Workspace(SpecBatch(cache, max(8, n_stop), self.drafter is not None),
+                                StepRunner(dev, self.cuda_graph), False)
         elif (ws is None or not ws.owned or ws.batch.full_size != bs or ws.batch.cache.capacity < need
               or n_stop > ws.batch.stop.numel()):
             # capacity rounded up so that runs of similar lengths share buffers (and graphs)
             cap = -(-need // 128) * 128
-            mc = self.target.args.max_context
-            cap = cap if mc is None or cap <= mc else need
-            ws = _Workspace(SpecBatch(KVCache.for_model(self.target, bs, cap), max(8, n_stop)),
+            cap = cap if self._fits_context(cap) else need
+            ws = _Workspace(SpecBatch(KVCache.for_model(self.target, bs, cap), max(8, n_stop), self.drafter is not None),
                             StepRunner(dev, self.cuda_graph), True)
         self._ws = ws
         return ws
+
+    def _fits_context(self, capacity: int) -> bool:
+        try:
+            self.target.args.check_context(capacity)
+            if self.drafter is not None:
+                self.drafter.check(capacity, self.spec)
+        except ValueError:
+            return False
+        return True
 
     # ---- prefill ---------------------------------------------------------------------------------
     @torch.no_grad()

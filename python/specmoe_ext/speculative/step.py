@@ -44,4 +44,4 @@ def speculative_step(target: Transformer, drafter, batch: SpecBatch, plan: StepP
     #    cut at stop tokens and max_new_tokens on the device; one packed record for the host.
     if drafter is not None:
         drafter.commit(batch, plan, tree, verdict)
-    return batch.commit(verdict.emitted, verdict.n_accepted, tree.n_valid(), verdict.stats)
+    return batch.commit(verdict.emitted, verdict.n_accepted, verdict.bonus, tree.n_valid(), verdict.stats)
