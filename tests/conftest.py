@@ -20,9 +20,22 @@ def pytest_collection_modifyitems(config, items):
             _gpu_skipped.append(item.nodeid)
 
 
+_bad_input_cases = []
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        m = item.get_closest_marker("bad_input")
+        if m is not None:
+            _bad_input_cases.append(m.args[0] if m.args else 1)
+
+
 def pytest_terminal_summary(terminalreporter):
     if _gpu_skipped:
         terminalreporter.write_line(f"GPU tests skipped (no GPU here): {len(_gpu_skipped)}")
+    if _bad_input_cases:
+        terminalreporter.write_line(f"bad-input cases covered (tests marked bad_input, weighted by their case "
+                                    f"count): {sum(_bad_input_cases)} in {len(_bad_input_cases)} tests")
 
 
 def devices():
