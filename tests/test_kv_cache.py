@@ -38,7 +38,7 @@ def test_geometry_gives_per_request_slots_and_advance_commits():
     c.set_lengths([3, 7])
     geo = c.append(2)
     assert geo.slots.tolist() == [[3, 4], [7, 8]] and torch.equal(geo.positions, geo.slots)
-    assert geo.mask.shape == (2, 2, 10) and geo.mask[1, 0, :8].all() and not geo.mask[1, 0, 8:].any()
+    assert geo.mask.shape == (2, 2, 9) and geo.mask[1, 0, :8].all() and not geo.mask[1, 0, 8:].any()   # slots < 9 attended
     depth = torch.tensor([[0, 1, 1], [0, 1, 2]])
     bits = torch.tensor([[[1], [3], [5]], [[1], [3], [7]]], dtype=torch.int32)   # a star and a chain
     t = c.tree_geometry(depth, bits)

@@ -51,22 +51,31 @@ def test_logits_match_transformers_fp32(family):
         torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-4)
 
 
-def _assert_bf16_close(ours_l, ref16_l, ref32_l, family):
+def _assert_bf16_close(ours_l, ref16_l, ref32_l, family, device="cpu"):
     """bf16 acceptance, pooled over all tokens of all prompts (per token: max over the vocabulary).
 
     In bf16 an MoE router can flip a near-tie between experts differently in two correct
     implementations (the rounding happens in different places), which moves that token's logits by much
-    more than bf16 noise; transformers' own bf16 run shows the same outliers against fp32. So: the
-    typical token matches transformers' bf16 logits to bf16 noise, outliers are rare (<= 20% of tokens),
-    and 80% of our tokens are no further from the fp32 truth than transformers' bf16 ones are."""
+    more than bf16 noise; transformers' own bf16 run shows the same outliers against fp32. So the bounds are
+    relative to transformers' bf16 errors against the fp32 truth (measured on CPU, 7 families: our worst
+    token is within 1.15x of transformers' worst, our median distance to transformers' bf16 <= 0.8% of the
+    logit scale, outliers beyond 5% of the scale <= 4.2% of the tokens):
+      every token   our error vs fp32 <= 1.5 x transformers' worst bf16 error (CUDA: 2x + 1% of the scale:
+                    other kernels, not measured against these bounds here)
+      typical       median distance to transformers' bf16 <= 1% of the scale (CUDA 2%); 80% quantile of our
+                    error <= 1.25 x theirs + 0.2% of the scale (CUDA 1.5x + 0.5%)
+      outliers      tokens farther than 5% of the scale from transformers' bf16: <= 10%."""
     d = torch.cat([(o - r).abs().amax(-1) for o, r in zip(ours_l, ref16_l)])
     e_ours = torch.cat([(o - r).abs().amax(-1) for o, r in zip(ours_l, ref32_l)])
     e_hf = torch.cat([(o - r).abs().amax(-1) for o, r in zip(ref16_l, ref32_l)])
     scale = max(r.abs().max().item() for r in ref32_l)
-    assert d.median().item() <= 0.02 * scale, (family, d.median().item(), scale)
-    assert (d > 0.05 * scale).float().mean().item() <= 0.2, (family, d.tolist())
+    cpu = device == "cpu"
+    worst = 1.5 * e_hf.max().item() if cpu else 2.0 * e_hf.max().item() + 0.01 * scale
+    assert e_ours.max().item() <= worst, (family, e_ours.max().item(), e_hf.max().item(), scale)
+    assert d.median().item() <= (0.01 if cpu else 0.02) * scale, (family, d.median().item(), scale)
+    assert (d > 0.05 * scale).float().mean().item() <= 0.1, (family, d.tolist())
     q_ours, q_hf = e_ours.quantile(0.8).item(), e_hf.quantile(0.8).item()
-    assert q_ours <= 1.5 * q_hf + 0.005 * scale, (family, q_ours, q_hf)
+    assert q_ours <= (1.25 * q_hf + 0.002 * scale if cpu else 1.5 * q_hf + 0.005 * scale), (family, q_ours, q_hf)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -234,11 +243,9 @@ def test_budget_control_and_routing_record(family):
         rec_l: list = []
         model(toks, pos, moe=MoEControl(budget=per_layer, record=rec_l))
         assert int(rec_l[0][1].experts_loaded()) <= B and rec_l[-1][1].kept_experts.numel() == a.n_experts
+        assert a.top_k > 1                         # every MoE config here: a budget of 1 is below top-k
         with pytest.raises(ValueError, match="budget 1 < top_k"):
-            if a.top_k > 1:
-                model(toks, pos, moe=MoEControl(budget=1))
-            else:
-                raise ValueError("budget 1 < top_k (vacuous)")
+            model(toks, pos, moe=MoEControl(budget=1))
 
 
 def test_router_override_uses_reference():
@@ -334,7 +341,7 @@ def test_gpu_bf16_logits_match_transformers(family):
     hf16 = hf_model_in(family, torch.bfloat16, "cuda")
     plist = prompts()
     _assert_bf16_close(_batched_logits(model, plist), _hf_logits(hf16, plist, "cuda"), _hf_logits(hf32, plist),
-                       family)
+                       family, device="cuda")
 
 
 @gpu

@@ -15,7 +15,8 @@ lengths are bounded by prompt + max new tokens, known when the batch starts. A c
 save memory for requests of very unequal lengths, which this engine does not need; capacity is set per batch.
 
 Geometry: where the T tokens of one forward go, built here and nowhere else (SGLang's forward-batch idea):
-    Geometry(positions [bs, T], slots [bs, T], mask)   mask: bool [bs, T, S] or a PrefixTreeMask
+    Geometry(positions [bs, T], slots [bs, T], mask)   mask: bool [bs, T, S'] (S' <= S: the forward attends
+                                      slots < S') or a PrefixTreeMask
     geo = cache.append(width)         host: `width` new tokens after each committed prefix (a prefill of
                                       right-padded prompts); capacity checked before anything is written
     geo = cache.tree_geometry(depth, bits, prefix, offset)
@@ -72,6 +73,7 @@ class KVCache:
         self._host_lengths = [0] * batch_size
         self._rows = torch.arange(batch_size, device=device)[:, None]
         self._full = (self.k, self.v, self.lengths, self._rows)
+        self.attend_limit = capacity     # slots a dense-mask forward attends (see set_attend_limit)
 
     @classmethod
     def for_model(cls, model, batch_size: int, capacity: int) -> "KVCache":
@@ -95,6 +97,13 @@ class KVCache:
     def host_lengths(self) -> list[int]:
         return list(self._host_lengths)
 
+    def set_attend_limit(self, slots: int | None) -> None:
+        """Dense-mask forwards (the CPU path, and the GPU fallback) attend only slots < `slots` (None: the
+        whole capacity), so their cost follows the current length instead of the capacity. The caller
+        guarantees that every slot a forward reads or writes lies below it; captured graphs keep the full
+        capacity (shapes fixed)."""
+        self.attend_limit = self.capacity if slots is None else max(1, min(int(slots), self.capacity))
+
     # ---- host-side bookkeeping (checks first, then state changes) ------------------------------------
     def _check(self, needed: list[int], what: str) -> None:
         for b, n in enumerate(needed):
@@ -112,7 +121,7 @@ class KVCache:
         self._check([l + width for l in self._host_lengths], f"appending {width} tokens")
         base = torch.tensor(self._host_lengths, dtype=torch.long)
         slots = (base[:, None] + torch.arange(width)[None, :]).to(self.device)
-        return Geometry(slots, slots, causal_mask(slots, self.capacity))
+        return Geometry(slots, slots, causal_mask(slots, max(self._host_lengths) + width))
 
     def tree_geometry(self, depth: Tensor, bits: Tensor, prefix: Tensor | None = None, offset: int = 0) -> Geometry:
         """Geometry of T nodes written after each request's prefix (default: the committed lengths):

@@ -11,9 +11,12 @@ One entry point serves prefill, 1-token decode, drafting and verification of T t
   geo        a `Geometry` from the cache (`cache.append(width)` for a prefill, `cache.tree_geometry(...)`
              for decode / tree nodes): positions [bs, T] (RoPE ids; tree tokens: prefix_len + depth), slots
              [bs, T] (where each token's K/V is written in its request's cache row) and the mask: bool
-             [bs, T, S] (True = may attend that slot) or a `PrefixTreeMask` (prefix lengths + ancestor
+             [bs, T, S'] (True = may attend that slot; S' <= S, the slots attended) or a `PrefixTreeMask`
+             (prefix lengths + ancestor
              bitmask), which on the GPU runs the tree-attention kernel (ops.tree_attention) and elsewhere is
-             expanded to the dense mask once per forward. Every query must see at least its own slot.
+             expanded once per forward to a dense mask over the cache's attend_limit slots (the current
+             length, when the caller sets it: cost follows the length, not the capacity). Every query must
+             see at least its own slot.
              Without a cache, `geo` is just the positions [bs, T]: K/V are the T tokens themselves, causal
              (the training / plain reference path).
   moe        optional `MoEControl`: per-layer expert budget + policy (MoE-Spec verification), routing record,
@@ -230,6 +233,8 @@ class Attention(nn.Module):
                 out = tree_attention(q, keys, values, mask.prefix_lens, mask.bits, self.head_dim ** -0.5,
                                      mask.kv_len_hint)                      # [bs, T, Hq, d]
                 return self.wo(out.reshape(bs, T, self.q_size))
+            S = mask.shape[-1]                     # a dense mask may cover only the first S' slots
+            keys, values = keys[:, :, :S], values[:, :, :S]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)            # [bs, Hk, T, d]
         out = attention(q.transpose(1, 2), keys, values, mask)              # [bs, Hq, T, d]
@@ -384,7 +389,7 @@ class Transformer(nn.Module):
         moe = moe or _PLAIN
         x = self.tok_embeddings(tokens)
         if isinstance(mask, PrefixTreeMask) and not _use_tree_kernel(x, self.args.head_dim):
-            mask = mask.dense(cache.capacity)                                   # once, not per layer
+            mask = mask.dense(cache.attend_limit)                               # once, not per layer
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
         captured: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):

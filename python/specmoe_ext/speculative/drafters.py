@@ -90,6 +90,15 @@ class Drafter:
     def after_step(self) -> None:
         pass
 
+    def attend_limit(self, target_slots: int | None, spec: TreeSpec) -> None:
+        """Host side, before an eager step: its forwards read target slots < target_slots (None: no bound);
+        a drafter with its own cache bounds that cache's dense-mask attention likewise."""
+        for c in self.caches():
+            c.set_attend_limit(None if target_slots is None else target_slots + self.extra_capacity(spec))
+
+    def caches(self) -> list:
+        return [self.cache] if getattr(self, "cache", None) is not None else []
+
     def keep(self, rows: Sequence[int]) -> None:
         pass
 
@@ -107,7 +116,7 @@ def level_geometry(cache: KVCache, prefix: Tensor, tree: GrowingTree, nodes: Ten
     if chain:
         ones = torch.ones(bs, F, 1, dtype=torch.int32, device=nodes.device)
         return cache.tree_geometry(depth, ones, prefix=prefix, offset=fed)
-    S = cache.capacity
+    S = cache.attend_limit
     slots = prefix[:, None] + fed + torch.arange(F, device=nodes.device)
     A = tree.rows_of(tree.anc, nodes)                                             # [bs, F, n]
     fi = tree.fed[:, None, :].expand_as(A)

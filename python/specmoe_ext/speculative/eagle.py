@@ -98,7 +98,7 @@ class Eagle3Head(nn.Module):
         logits [bs, n, V] float32 over the TARGET vocabulary: -inf outside the draft vocabulary)."""
         positions, slots, mask = geo
         if not isinstance(mask, Tensor):              # PrefixTreeMask: the head runs SDPA on the dense form
-            mask = mask.dense(cache.capacity)
+            mask = mask.dense(cache.attend_limit)
         bs, n = tokens.shape
         x = torch.cat([self.input_layernorm(self.embed(tokens).to(feats.dtype)), self.hidden_norm(feats)], -1)
         q = self.q_proj(x).view(bs, n, self.n_heads, self.head_dim)
@@ -107,7 +107,8 @@ class Eagle3Head(nn.Module):
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(0, k, v, slots)
-        o = attention(q.transpose(1, 2), cache.k[0], cache.v[0], mask)
+        S = mask.shape[-1]                            # the slots attended (<= the capacity)
+        o = attention(q.transpose(1, 2), cache.k[0][:, :, :S], cache.v[0][:, :, :S], mask)
         a = feats + self.o_proj(o.transpose(1, 2).reshape(bs, n, -1))
         hn = self.post_attention_layernorm(a)
         out = a + self.down_proj(F.silu(self.gate_proj(hn)) * self.up_proj(hn))

@@ -195,8 +195,9 @@ class SpecEngine:
                                 StepRunner(dev, self.cuda_graph), False)
         elif (ws is None or not ws.owned or ws.batch.full_size != bs or ws.batch.cache.capacity < need
               or n_stop > ws.batch.stop.numel()):
-            # capacity rounded up so that runs of similar lengths share buffers (and graphs)
-            cap = -(-need // 128) * 128
+            # capacity rounded up (to a multiple of 128, or a power of two when smaller) so that runs of
+            # similar lengths share buffers and graphs
+            cap = min(-(-need // 128) * 128, 1 << (need - 1).bit_length())
             cap = cap if self._fits_context(cap) else need
             ws = _Workspace(SpecBatch(KVCache.for_model(self.target, bs, cap), max(8, n_stop), self.drafter is not None),
                             StepRunner(dev, self.cuda_graph), True)
@@ -227,6 +228,7 @@ class SpecEngine:
         batch, dev = ws.batch, ws.batch.device
         seed = sampling.seed if sampling.seed is not None else int(torch.seed())
         batch.reset([seed * 1_000_003 + b for b in range(bs)])
+        batch.cache.set_attend_limit(None)             # the loop bounds it per eager step (_Loop._bound_attention)
         lens = [len(p) for p in plist]
         P = max(lens)
         real = (torch.arange(P)[None, :] < torch.tensor(lens)[:, None]).reshape(-1).to(dev)
@@ -242,6 +244,7 @@ class SpecEngine:
         batch.start(plist, first, max_new_tokens, stop_ids)
         if self.drafter is not None:
             self.drafter.prefill(batch, self.spec, hidden, stats.natural() if stats.layers else None)
+            self.drafter.attend_limit(None, self.spec)
             if self.drafter.buffers != ws.drafter_buffers:     # new drafter buffers: graphs read the old ones
                 ws.runner.reset()
                 ws.drafter_buffers = self.drafter.buffers
@@ -354,9 +357,22 @@ class _Loop:
         ahead = sum(p.depth + 1 for _, p, _ in self.inflight)
         return any(not self.done[r] and len(self.out[r]) + ahead < self.max_new for r in self.batch.rows)
 
+    def _bound_attention(self, plan) -> None:
+        """Eager steps (CPU, or graphs off): their dense-mask attention covers only the slots this step can
+        touch (committed length as last read + what the steps in flight may add + the tree), not the
+        capacity. Graph replays keep the full capacity (fixed shapes)."""
+        if self.runner.use_graphs:
+            return
+        ahead = sum(p.depth + 1 for _, p, _ in self.inflight)
+        limit = max(self.batch.cache.host_lengths()) + ahead + self.eng.slots_per_step() + plan.lag + 2
+        self.batch.cache.set_attend_limit(limit)
+        if self.eng.drafter is not None:
+            self.eng.drafter.attend_limit(limit, self.eng.spec)
+
     def _launch(self) -> None:
         eng, batch = self.eng, self.batch
         plan, setting = self._next_plan()
+        self._bound_attention(plan)
         launch = self.runner.launch((batch.bs, plan),
                                     lambda mark: speculative_step(eng.target, eng.drafter, batch, plan, mark))
         if eng.drafter is not None:
