@@ -155,3 +155,22 @@ def test_controller_sampling_is_the_targets_distribution(setup):
     counts = torch.bincount(code, minlength=joint3.numel()).double()
     p = pvalue(counts, joint3.flatten())
     assert p > ALPHA, p
+
+
+@pytest.mark.parametrize("tree,rule", [("chain:2", "q"), ("dynamic:topk=2,depth=2,tokens=4", "target")])
+def test_adaptive_truncation_keeps_the_targets_distribution(setup, tree, rule):
+    """Truncating trees before verification (a decision on draft-side values only; for the q-aware rule on
+    the parent's confidence, never on the sampled token) leaves the emitted distribution the target's."""
+    from test_adaptive import linear_profile
+    target, draft, prompt, joint = setup
+    n = 8000
+    sp = SamplingParams(temperature=SP.temperature, top_k=SP.top_k, seed=13)
+    # per-token cost 0.03 against a fixed cost of 0.4 n: nodes with a gain above ~0.07 pay, the others are cut
+    eng = SpecEngine(target, ModelDrafter(draft, target), tree, rule=rule, verify="adaptive",
+                     profile=linear_profile(0.4 * n, 0.03))
+    res = eng.generate([prompt] * n, 2, sp)
+    s = res.summary()
+    assert s["nodes_verified_per_step"] < s["nodes_drafted_per_step"]        # the truncation did cut
+    assert sum(a for st in res.steps for a in st.accepted) > 0.05 * n
+    p = pvalue(pair_counts(res.tokens, target.args.vocab_size), joint)
+    assert p > ALPHA, p

@@ -22,9 +22,12 @@ length. The packed record (int64, one flat tensor, `Record.parse` reads it on th
     count [bs]      tokens this step added to each request
     finished [bs]   after this step
     accepted [bs]   accepted draft tokens (before the cut)
-    valid [bs]      valid tree nodes
+    valid [bs]      tree nodes verified
+    drafted [bs]    valid tree nodes the drafter proposed (more than `valid` when adaptive verification
+                    truncated the tree)
     emitted [bs, D+1]
     touched [L_moe], loaded [L_moe]   only when the step's plan collects expert statistics
+    predicted_us    the adaptive verifier's predicted step time (microseconds; 0 without it)
 """
 from __future__ import annotations
 
@@ -54,19 +57,22 @@ class Record:
     finished: list[bool]
     accepted: list[int]
     valid: list[int]
+    drafted: list[int]
     emitted: list[list[int]]
     touched: list[int]
     loaded: list[int]
+    predicted_s: float | None
 
     @staticmethod
     def parse(values: list[int], bs: int, depth: int, n_moe: int) -> "Record":
         W = depth + 1
-        it = [values[i * bs:(i + 1) * bs] for i in range(4)]
-        e0 = 4 * bs
+        it = [values[i * bs:(i + 1) * bs] for i in range(5)]
+        e0 = 5 * bs
         emitted = [values[e0 + b * W:e0 + (b + 1) * W] for b in range(bs)]
         s0 = e0 + bs * W
-        return Record(it[0], [bool(x) for x in it[1]], it[2], it[3], emitted, values[s0:s0 + n_moe],
-                      values[s0 + n_moe:s0 + 2 * n_moe])
+        pred = values[s0 + 2 * n_moe]
+        return Record(it[0], [bool(x) for x in it[1]], it[2], it[3], it[4], emitted, values[s0:s0 + n_moe],
+                      values[s0 + n_moe:s0 + 2 * n_moe], pred * 1e-6 if pred > 0 else None)
 
     def tokens(self, b: int) -> list[int]:
         return self.emitted[b][:self.count[b]]
@@ -165,7 +171,8 @@ class SpecBatch:
         return self.history[b, :n].tolist()
 
     # ---- device side: inside the step -----------------------------------------------------------------
-    def commit(self, emitted: Tensor, n_accepted: Tensor, bonus: Tensor, n_valid: Tensor, stats=None) -> Tensor:
+    def commit(self, emitted: Tensor, n_accepted: Tensor, bonus: Tensor, n_valid: Tensor, n_drafted: Tensor,
+               stats=None, predicted_s: Tensor | None = None) -> Tensor:
         """emitted [bs, D+1] (accepted draft tokens, then the bonus token at index n_accepted), after the
         verifier advanced cache.lengths by n_accepted + 1 -> the packed record. Stop tokens and
         max_new_tokens are applied here; rows finished before this step keep their state."""
@@ -185,7 +192,9 @@ class SpecBatch:
         self.root.copy_(torch.where(live, bonus, self.root))
         self.cache.lengths.copy_(torch.where(live, self.cache.lengths, self.prefix))
         self.finished.logical_or_(done)
-        parts = [count, self.finished.long(), n_accepted, n_valid, emitted.flatten()]
+        parts = [count, self.finished.long(), n_accepted, n_valid, n_drafted, emitted.flatten()]
         if stats is not None:
             parts += [stats.touched(), stats.loaded()]
-        return torch.cat(parts)
+        pred = torch.zeros(1, dtype=torch.long, device=emitted.device) if predicted_s is None else \
+            (predicted_s * 1e6).round().long().clamp_min(1)
+        return torch.cat(parts + [pred])

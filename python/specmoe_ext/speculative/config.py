@@ -3,7 +3,7 @@
 Shape legend: L layers, K experts per token, B expert budget, D the tree's max depth.
 
     BudgetConfig(budget, policy, weights, protect_root)    lossy, opt-in (shared/algorithms.md section 3)
-    StepPlan(tree, rule, sampling, budget, lag, hidden_layers, mask_padding)
+    StepPlan(tree, rule, sampling, budget, lag, hidden_layers, mask_padding, adaptive)
         everything that fixes the shapes and the kernels of one step: the key under which the graph
         runner captures it. tree = TreeSpec.ROOT is a step without speculation (the root alone: plain
         decoding through the same verifier); lag = committed tokens the drafter has not seen yet (the
@@ -80,7 +80,8 @@ class StepPlan:
     budget: BudgetConfig | None = None
     lag: int = 0
     hidden_layers: tuple[int, ...] = ()    # target features the drafter consumes (EAGLE-3)
-    mask_padding: bool = False             # invalid tree nodes skip the experts (drafters that pad)
+    mask_padding: bool = False             # invalid tree nodes skip the experts (drafters that pad, adaptive)
+    adaptive: bool = False                 # truncate the tree to its cost-effective prefix (adaptive.py)
 
     def __post_init__(self):
         if self.sampling.seed is not None:

@@ -41,6 +41,8 @@ from .step import speculative_step
 from .tree import TreeSpec
 from .verifier import RULES, resolve_rule
 
+VERIFY_MODES = ("full", "adaptive")
+
 
 @dataclass
 class StepStats:
@@ -56,6 +58,8 @@ class StepStats:
     verify_s: float | None = None
     accept_s: float | None = None   # acceptance, KV compaction, drafter commit, stop tokens
     replayed: bool = False       # ran as a CUDA graph replay
+    drafted_nodes: list[int] = field(default_factory=list)   # valid nodes proposed per request (>= valid_nodes)
+    predicted_s: float | None = None   # adaptive verification's predicted step time
 
 
 @dataclass
@@ -86,6 +90,10 @@ class SpecResult(GenerationResult):
             "experts_touched_per_layer": [mean(s.touched[l] for s in with_stats) for l in range(L)],
             "experts_loaded_per_layer": [mean(s.loaded[l] for s in with_stats) for l in range(L)],
             "step_ms_device": ms(s.step_s for s in self.steps),
+            "nodes_drafted_per_step": mean(n for s in self.steps for n in s.drafted_nodes),
+            "nodes_verified_per_step": mean(n for s in self.steps for n in s.valid_nodes),
+            "predicted_over_measured_step": mean(s.predicted_s / s.step_s for s in self.steps
+                                                 if s.predicted_s is not None and s.step_s > 0),
             "draft_ms_per_step": ms(s.draft_s for s in self.steps),
             "verify_ms_per_step": ms(s.verify_s for s in self.steps),
             "accept_ms_per_step": ms(s.accept_s for s in self.steps),
@@ -113,10 +121,13 @@ class SpecEngine:
     (lossless verification) or a BudgetConfig (MoE-Spec). rule: "auto" | "target" | "q" (verifier.py; auto
     = greedy at temperature 0, else q-aware with sampled drafts for chain / static trees and the target
     rule for dynamic ones). cuda_graph: on the GPU every step (drafting included) is captured per key and
-    replayed; False runs eagerly. Every argument is checked here, before any work."""
+    replayed; False runs eagerly. verify: "full" (every drafted node) or "adaptive" (adaptive.py: each step
+    keeps the cost-effective prefix of each tree; needs `profile`, a perf_model.PerfProfile from
+    `specmoe plan`). Every argument is checked here, before any work."""
 
     def __init__(self, target: Transformer, drafter: Drafter | None, tree: str | TreeSpec = "chain:4",
-                 budget: BudgetConfig | None = None, rule: str = "auto", cuda_graph: bool = True):
+                 budget: BudgetConfig | None = None, rule: str = "auto", cuda_graph: bool = True,
+                 verify: str = "full", profile=None):
         self.target, self.drafter = target, drafter
         self.spec = TreeSpec.parse(tree) if drafter is not None else TreeSpec.ROOT
         if budget is not None:
@@ -127,7 +138,25 @@ class SpecEngine:
             raise ValueError("acceptance rule 'q' needs sampled drafts: use a chain or static tree, or rule 'target'")
         self.budget, self.rule = budget, rule
         self.cuda_graph = cuda_graph
+        self.adaptive = self._adaptive(verify, profile)
         self._ws: _Workspace | None = None
+
+    def _adaptive(self, verify: str, profile):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify {verify!r}: choose one of {VERIFY_MODES}")
+        if verify == "full":
+            return None
+        if self.drafter is None:
+            raise ValueError("adaptive verification truncates draft trees: it needs a drafter")
+        if profile is None:
+            raise ValueError("adaptive verification needs a cost profile (perf_model.PerfProfile): run "
+                             "`specmoe plan` and pass its profile")
+        a = self.target.args
+        if (profile.E, profile.K) != (a.n_experts, a.top_k):
+            raise ValueError(f"the cost profile is for E={profile.E}, K={profile.K}; this target has "
+                             f"E={a.n_experts}, K={a.top_k}")
+        from .adaptive import AdaptiveVerifier
+        return AdaptiveVerifier(profile, self.target.tok_embeddings.weight.device)
 
     # ---- sizes -----------------------------------------------------------------------------------
     def slots_per_step(self) -> int:
@@ -159,9 +188,11 @@ class SpecEngine:
         d = self.drafter
         if not spec.speculates:
             budget = None
+        adaptive = self.adaptive is not None and spec.speculates
         return StepPlan(spec, resolve_rule(self.rule, spec, sampling.greedy), sampling, budget,
                         lag if (d is not None and spec.speculates and d.catches_up) else 0,
-                        d.hidden_layers if d is not None else (), bool(d is not None and d.pads and spec.speculates))
+                        d.hidden_layers if d is not None else (),
+                        bool(d is not None and (d.pads or adaptive) and spec.speculates), adaptive)
 
     def _controller_plans(self, controller, budget_style: BudgetConfig | None) -> dict:
         """Setting -> (spec, budget) for every candidate; raises ValueError before any work."""
@@ -257,7 +288,8 @@ class SpecEngine:
         pipelined; this is for tests and tools."""
         plan = plan or self.plan(sampling)
         runner = self._ws.runner
-        launch = runner.launch((batch.bs, plan), lambda mark: speculative_step(self.target, self.drafter, batch, plan, mark))
+        launch = runner.launch((batch.bs, plan), lambda mark: speculative_step(self.target, self.drafter, batch, plan,
+                                                                              mark, self.adaptive))
         if self.drafter is not None:
             self.drafter.after_step()
         values, _ = runner.wait(launch)
@@ -313,7 +345,10 @@ class SpecEngine:
         setup = runner.capture_s - capture0
         cfg = {"tree": str(self.spec), "rule": self.rule,
                **(self.drafter.describe() if self.drafter is not None else {"drafter": None}),
-               "budget": self.budget.describe() if self.budget is not None else None}
+               "budget": self.budget.describe() if self.budget is not None else None,
+               "verify": "adaptive" if self.adaptive is not None else "full"}
+        if self.adaptive is not None:
+            cfg["calibration"] = self.adaptive.table()             # one read, after the loop
         if controller is not None:
             cfg["controller"] = controller_report(controller, loop.chosen)
         return SpecResult(tokens=out, finish_reasons=reasons, prompt_lens=lens, prefill_s=t1 - t0,
@@ -373,8 +408,8 @@ class _Loop:
         eng, batch = self.eng, self.batch
         plan, setting = self._next_plan()
         self._bound_attention(plan)
-        launch = self.runner.launch((batch.bs, plan),
-                                    lambda mark: speculative_step(eng.target, eng.drafter, batch, plan, mark))
+        launch = self.runner.launch((batch.bs, plan), lambda mark: speculative_step(eng.target, eng.drafter, batch,
+                                                                                   plan, mark, eng.adaptive))
         if eng.drafter is not None:
             eng.drafter.after_step()
         self.inflight.append((launch, plan, setting))
@@ -399,7 +434,8 @@ class _Loop:
         replayed = launch.done is not None and launch.replayed
         st = StepStats(len(live), plan.tree.max_nodes, [rec.valid[b] for b in live], [rec.accepted[b] for b in live],
                        [rec.count[b] for b in live], rec.touched, rec.loaded, times["step_s"], times.get("draft_s"),
-                       times.get("verify_s"), times.get("accept_s"), replayed)
+                       times.get("verify_s"), times.get("accept_s"), replayed, [rec.drafted[b] for b in live],
+                       rec.predicted_s)
         self.steps.append(st)
         if self.controller is not None and (replayed or not self.runner.use_graphs):
             self.controller.observe(setting, max(st.step_s, 1e-9), sum(st.emitted))

@@ -25,15 +25,18 @@ def _no_mark(name: str) -> None:
 
 
 def speculative_step(target: Transformer, drafter, batch: SpecBatch, plan: StepPlan,
-                     mark: Callable[[str], None] = _no_mark) -> Tensor:
+                     mark: Callable[[str], None] = _no_mark, adaptive=None) -> Tensor:
     # L_b = committed tokens of request b in the target cache; its root (last committed token) goes to slot L_b
     batch.prefix.copy_(batch.cache.lengths)
     # 1. draft: a tree of fixed shape [bs, T] per request (root only when speculation is off). A drafter
-    #    first catches up on the tokens committed since it last ran, from device state.
+    #    first catches up on the tokens committed since it last ran, from device state. Adaptive
+    #    verification then keeps the nodes whose calibrated gain pays for their predicted cost.
     if plan.speculates:
         tree = drafter.propose(batch, plan)
     else:
         tree = DraftTree.root_only(batch.root)
+    drafted = tree.n_valid()
+    predicted = adaptive.truncate(batch, tree, plan) if plan.adaptive else None
     mark("draft")
     # 2. verify: node i at position L + depth_i and slot L + i sees the prefix and its ancestors; one target
     #    forward for all nodes; accept the deepest path the target agrees with (greedy), or sample
@@ -44,4 +47,7 @@ def speculative_step(target: Transformer, drafter, batch: SpecBatch, plan: StepP
     #    cut at stop tokens and max_new_tokens on the device; one packed record for the host.
     if drafter is not None:
         drafter.commit(batch, plan, tree, verdict)
-    return batch.commit(verdict.emitted, verdict.n_accepted, verdict.bonus, tree.n_valid(), verdict.stats)
+    if plan.adaptive:
+        adaptive.observe(tree, verdict, plan)
+    return batch.commit(verdict.emitted, verdict.n_accepted, verdict.bonus, tree.n_valid(), drafted, verdict.stats,
+                        predicted)
