@@ -10,6 +10,9 @@ Per batch size (default 1, 2, 4, 8, 16, 32, 64), greedy, no stop tokens (every r
   chain:g       SpecEngine, chains of the --chains lengths, no budget
   <tree>        SpecEngine with --tree (default dynamic:topk=4,depth=5,tokens=32), no budget
   ... B=b       the largest chain and the tree with each MoE-Spec budget of --budgets (lossy)
+  <tree> adaptive [B=b]  the tree with adaptive verification (speculative/adaptive.py: each step verifies only
+                the cost-effective prefix of each tree; cost profile from --profile or measured first by
+                `specmoe plan`'s routine), alone and with each budget (truncation + MoE-Spec budget)
   auto[...]     SpecEngine + CascadeController (`--spec auto`), one cell per '|'-separated --auto-candidates set
                 (default: chain lengths k=0,1,2,4 without budget (lossless), and k=0,2,4 x budget none,B (lossy))
 Drafters:
@@ -129,13 +132,31 @@ def make_prompts(preset: str, n: int, prompt_len: int, vocab: int, seed: int) ->
     return torch.randint(0, vocab, (n, prompt_len), generator=g).tolist()
 
 
+def cost_profile(a, target, draft, bss: list[int], budgets: list[int], dev):
+    """The adaptive cells' cost profile: --profile, or `specmoe plan`'s measurement and fit on this model."""
+    from specmoe_ext.speculative import plan as planlib
+    from specmoe_ext.speculative.perf_model import PerfProfile
+    if a.profile:
+        return PerfProfile.from_json(a.profile)
+    max_bs = 1 << (max(bss) - 1).bit_length()
+    rp = planlib.DEFAULT_RP["cuda" if dev.type == "cuda" else "cpu"]
+    t0 = time.time()
+    res = planlib.plan(target, draft, max_bs, (1, 4, 16), [None] + budgets[:1], rp, repeats=5 if dev.type == "cuda" else 3,
+                       seed=a.seed)
+    log(None, f"cost profile: {len(res.points)} points in {time.time() - t0:.1f} s, held-out MAPE "
+        f"{res.mape_held_out if res.mape_held_out is None else round(res.mape_held_out, 2)}%")
+    return res.profile
+
+
 # ---- the grid -----------------------------------------------------------------------------------------
 
 class Cell:
-    """One speculative setting: label, tree (str), budget (int | None), auto (controller candidates or None)."""
+    """One speculative setting: label, tree (str), budget (int | None), auto (controller candidates or None),
+    adaptive (verify the tree's cost-effective prefix: speculative/adaptive.py)."""
 
-    def __init__(self, label: str, tree: str, budget: int | None = None, auto: str | None = None):
-        self.label, self.tree, self.budget, self.auto = label, tree, budget, auto
+    def __init__(self, label: str, tree: str, budget: int | None = None, auto: str | None = None,
+                 adaptive: bool = False):
+        self.label, self.tree, self.budget, self.auto, self.adaptive = label, tree, budget, auto, adaptive
 
     @property
     def lossless(self) -> bool:
@@ -147,7 +168,10 @@ class Cell:
         return self.tree if self.auto is None else "auto"
 
 
-def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: list[str]) -> list[Cell]:
+def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: list[str],
+               adaptive: bool = False) -> list[Cell]:
+    """chains, the tree, each budget on the longest chain and the tree (MoE-Spec alone), the tree with
+    adaptive verification alone and with each budget (truncation + budget), the controller cells."""
     cells = [Cell(f"chain:{g}", f"chain:{g}") for g in chains]
     if tree:
         cells.append(Cell(tree, tree))
@@ -155,12 +179,15 @@ def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: l
     for base in budget_bases:
         for b in budgets:
             cells.append(Cell(f"{base} B={b}", base, b))
+    if tree and adaptive:
+        cells.append(Cell(f"{tree} adaptive", tree, None, None, True))
+        cells += [Cell(f"{tree} adaptive B={b}", tree, b, None, True) for b in budgets]
     for auto in autos:
         cells.append(Cell(f"auto[{auto}]", "", None, auto))
     return cells
 
 
-def engine_for(cell: Cell, target, drafter, policy: str, test_steps: int):
+def engine_for(cell: Cell, target, drafter, policy: str, test_steps: int, profile=None):
     """(engine, controller factory or None)."""
     if cell.auto is not None:
         cands = parse_candidates(cell.auto)
@@ -173,6 +200,8 @@ def engine_for(cell: Cell, target, drafter, policy: str, test_steps: int):
         eng = SpecEngine(target, drafter, f"chain:{kmax}")
         return eng, (lambda: CascadeController(cands, test_steps=test_steps))
     budget = BudgetConfig(cell.budget, policy) if cell.budget is not None else None
+    if cell.adaptive:
+        return SpecEngine(target, drafter, cell.tree, budget, verify="adaptive", profile=profile), None
     return SpecEngine(target, drafter, cell.tree, budget), None
 
 
@@ -330,6 +359,9 @@ def parse_args(argv=None):
                     help="random presets: layers of the Qwen3-0.6B-shaped draft model (its cost; default 28 = 0.6B)")
     ap.add_argument("--chains", default="2,4", help="chain lengths gamma (no budget)")
     ap.add_argument("--tree", default="dynamic:topk=4,depth=5,tokens=32", help="tree spec ('none' to skip)")
+    ap.add_argument("--profile", default=None, help="cost profile for the adaptive-verification cells (a "
+                    "`specmoe plan` JSON); default: measured here first (about 20 points)")
+    ap.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-verification cells")
     ap.add_argument("--budgets", default=None, help="budgets B for the longest chain and the tree "
                     "(default: qwen3 16,32; tiny 4,6; else E/8,E/4)")
     ap.add_argument("--budget-policy", default="substitute", choices=["substitute", "truncate"])
@@ -404,7 +436,10 @@ def main(argv=None) -> int:
     autos = [] if auto.lower() == "none" else [x.strip() for x in auto.split("|") if x.strip()]
     if a.quick:
         chains, tree, budgets, autos = [max(chains)], None, budgets[:1], autos[:1]
-    cells = make_cells(chains, tree, budgets, autos)
+    cells = make_cells(chains, tree, budgets, autos, adaptive=not a.no_adaptive)
+    profile = None
+    if any(c.adaptive for c in cells):
+        profile = cost_profile(a, target, draft, bss, budgets, dev)
     if drafter_kind == "controlled" and a.budget_alphas.strip().lower() != "all":
         budget_alphas = {float(x) for x in a.budget_alphas.split(",") if x.strip()}
         if not budget_alphas & set(alphas):
@@ -483,7 +518,7 @@ def main(argv=None) -> int:
                 bar.update(1)
                 continue
             try:
-                eng, ctl_factory = engine_for(c, target, drafter, a.budget_policy, a.auto_test_steps)
+                eng, ctl_factory = engine_for(c, target, drafter, a.budget_policy, a.auto_test_steps, profile)
 
                 # a fresh target cache per run (allocated before the engine's clock starts): finished
                 # requests leave the batch by shrinking the cache's rows
@@ -505,6 +540,9 @@ def main(argv=None) -> int:
                     accepted_per_step=s["accepted_per_step"], tokens_per_step=s["tokens_per_step"],
                     alpha_hat=alpha_hat(s["acceptance_histogram"], depth) if depth else None,
                     acceptance_histogram=s["acceptance_histogram"], tree_nodes_mean=s["tree_nodes_mean"],
+                    nodes_drafted_per_step=s["nodes_drafted_per_step"],
+                    nodes_verified_per_step=s["nodes_verified_per_step"],
+                    predicted_over_measured_step=s["predicted_over_measured_step"], adaptive=c.adaptive,
                     experts_loaded_mean=mean(s["experts_loaded_per_layer"]),
                     experts_touched_mean=mean(s["experts_touched_per_layer"]),
                     experts_loaded_per_layer=s["experts_loaded_per_layer"],
@@ -563,6 +601,7 @@ def main(argv=None) -> int:
             ("decode_tokens_per_s", "dec tok/s", ".1f"), ("speedup", "speedup", ".3f"),
             ("speedup_if_acceptance_kept", "sp@alpha", ".3f"), ("accepted_per_step", "acc/step", ".2f"), ("alpha_hat", "a_hat", ".2f"),
             ("experts_loaded_mean", "loaded/L", ".1f"), ("experts_touched_mean", "touched/L", ".1f"),
+            ("nodes_drafted_per_step", "drafted", ".1f"), ("nodes_verified_per_step", "verified", ".1f"),
             ("draft_ms_per_step", "draft ms", ".2f"), ("verify_ms_per_step", "verify ms", ".2f"),
             ("step_ms", "step ms", ".2f"), ("verify_over_ar", "ver/AR", ".2f"), ("matches_autoregressive", "=AR", "")]
     print(f"\nEnd to end, {title}")
