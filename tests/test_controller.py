@@ -185,3 +185,21 @@ def test_off_emitting_no_tokens_does_not_crash():
         s = ctl.next_setting()
         ctl.observe(s, 0.01, 0 if s.off else 3)
     assert ctl.phase == "off" and ctl.next_setting() == OFF
+
+
+def test_trusted_warm_start_skips_the_first_test_phase():
+    """trust=True: the predicted best runs at once (no test steps a short request would pay for); the next
+    test phase measures as usual."""
+    prof = PerfProfile(8, 2, 10.0, dict(bias=1e-3, k1=1e-5, k2=1e-5, k3=1e-5, s=1.01, lam=0.5, draft_bias=1e-5,
+                                        draft_k=1e-6, reject_bias=1e-6, reject_k=1e-7))
+    ctl = CascadeController(make_candidates(ks=(0, 1, 2, 4)), test_steps=2, set_steps=5)
+    pred = ctl.warm_start(prof, bs=1, alpha=0.9, trust=True)
+    best = max((s for s in pred if not s.off), key=lambda s: pred[s])
+    assert pred[best] > 1.0 and ctl.phase == "set"
+    assert [ctl.next_setting() for _ in range(5)] == [best] * 5
+    assert ctl.next_setting() == OFF and ctl.phase == "test"           # then a regular test phase, OFF first
+    # predicted to lose everywhere: speculation off at once
+    slow = PerfProfile(8, 2, 10.0, dict(prof.params, draft_bias=1.0))
+    ctl = CascadeController(make_candidates(ks=(0, 1, 2)), test_steps=2, set_steps=5)
+    ctl.warm_start(slow, bs=1, alpha=0.5, trust=True, prune_below=0.0)
+    assert ctl.phase == "off" and ctl.next_setting() == OFF

@@ -408,3 +408,23 @@ def test_cpu_attention_follows_the_current_length_not_the_capacity(tiny, prompts
     assert big._ws.batch.cache.capacity >= 1500
     longest = max(len(p) for p in prompts) + 10
     assert widths and max(widths) <= longest + 40, (max(widths), longest)
+
+
+def test_controller_over_dynamic_tree_sizes_and_adaptive_verification(tiny, prompts):
+    """--spec auto over a dynamic tree: each candidate keeps k + 1 nodes of the engine's tree shape (k = 0:
+    speculation off); with adaptive verification on top, greedy output still equals autoregressive."""
+    from specmoe_ext.speculative.controller import CascadeController, make_candidates
+    from test_adaptive import linear_profile
+    target, draft = tiny
+    ref = generate(target, prompts, 30).tokens
+    for verify, profile in (("full", None), ("adaptive", linear_profile(1.0, 0.3))):
+        eng = SpecEngine(target, make("model", target, draft, None), "dynamic:topk=3,depth=3,tokens=8",
+                         verify=verify, profile=profile)
+        res = eng.generate(prompts, 30, controller=CascadeController(make_candidates(ks=(0, 3, 7)), test_steps=2))
+        assert res.tokens == ref
+        assert {s.tree_nodes for s in res.steps} >= {1, 4, 8}
+    with pytest.raises(ValueError, match="keeps at most 7 draft nodes"):
+        eng.generate(prompts, 4, controller=CascadeController(make_candidates(ks=(0, 8))))
+    with pytest.raises(ValueError, match=r"static tree \(static:2,2\) is on \(k=6\) or off"):
+        SpecEngine(target, make("model", target, draft, None), "static:2,2").generate(
+            prompts, 4, controller=CascadeController(make_candidates(ks=(0, 2))))

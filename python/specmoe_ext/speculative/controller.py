@@ -160,13 +160,17 @@ class CascadeController:
 
     def warm_start(self, profile, bs: int, alpha: float | Callable[[Setting], float],
                    prune_below: float = 0.9, tokens_per_step: Callable[[Setting], float] | None = None,
-                   n_verify: Callable[[Setting], int] | None = None, n_draft: Callable[[Setting], int] | None = None):
+                   n_verify: Callable[[Setting], int] | None = None, n_draft: Callable[[Setting], int] | None = None,
+                   trust: bool = False):
         """Rank/prune candidates with a perf_model.PerfProfile before the first measurement.
 
         Predicted U(s) = profile.predict_speedup(bs, s.k, alpha(s), s.budget, ...) (k as chain length by
         default; for trees pass tokens_per_step / n_verify / n_draft callables of the setting).  Candidates
         with predicted U < prune_below are dropped from all test phases (OFF never is); the rest are
-        tested in decreasing predicted U.  Restarts the test phase.  Returns {setting: predicted U}."""
+        tested in decreasing predicted U.  Restarts the test phase; with trust=True there is no first test
+        phase at all: the predicted best runs a set phase at once (OFF when nothing is predicted to beat
+        it), so a short request never pays for testing; measurements take over from the next test phase
+        (or earlier, through drift detection).  Returns {setting: predicted U}."""
         pred = {}
         for s in self.all_candidates:
             if s.off:
@@ -181,6 +185,10 @@ class CascadeController:
         self.candidates = [OFF] + sorted((s for s in keep if not s.off), key=lambda s: -pred[s])
         self.predicted_u = pred
         self._start_test()
+        if trust and self.phase == "test":
+            best = max(self.candidates, key=lambda c: (pred[c], c.off))
+            off = best.off or pred[best] < 1.0 + self.margin
+            self._enter_set(OFF if off else best, {c: pred[c] for c in self.candidates}, off=off)
         return pred
 
     # ---- phase machinery ------------------------------------------------------------------------------

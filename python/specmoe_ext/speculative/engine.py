@@ -195,24 +195,39 @@ class SpecEngine:
                         bool(d is not None and (d.pads or adaptive) and spec.speculates), adaptive)
 
     def _controller_plans(self, controller, budget_style: BudgetConfig | None) -> dict:
-        """Setting -> (spec, budget) for every candidate; raises ValueError before any work."""
+        """Setting -> (spec, budget) for every candidate; raises ValueError before any work. A setting's k is
+        the number of draft nodes: a chain of k (the engine's tree a chain of at least k), a dynamic tree of
+        the engine's shape keeping k + 1 nodes (k < its `tokens`), or the engine's static tree (k = its
+        nodes - 1); k = 0 is speculation off."""
         if self.drafter is None:
             raise ValueError("a speculation controller needs a drafter")
-        if self.spec.kind != "chain":
-            raise ValueError(f"a speculation controller chooses chain lengths: the engine's tree must be a chain "
-                             f"(its longest), got {self.spec}")
-        kmax = len(self.spec.branching)
         base = budget_style or self.budget or BudgetConfig(0)
         out = {}
         for s in controller.all_candidates:
-            if s.k > kmax:
-                raise ValueError(f"controller candidate k={s.k} exceeds the engine's chain length {kmax}")
             bcfg = None
             if s.budget is not None:
                 bcfg = BudgetConfig(s.budget, base.policy, base.weights, base.protect_root)
                 bcfg.validate(self.target.args)
-            out[s] = (TreeSpec.ROOT if s.k == 0 else TreeSpec("chain", (1,) * s.k), bcfg)
+            out[s] = (self._candidate_tree(s.k), bcfg)
         return out
+
+    def _candidate_tree(self, k: int) -> TreeSpec:
+        spec = self.spec
+        if k == 0:
+            return TreeSpec.ROOT
+        if spec.kind == "chain":
+            if k > len(spec.branching):
+                raise ValueError(f"controller candidate k={k} exceeds the engine's chain length {len(spec.branching)}")
+            return TreeSpec("chain", (1,) * k)
+        if spec.kind == "dynamic":
+            if k >= spec.tokens:
+                raise ValueError(f"controller candidate k={k}: the engine's tree {spec} keeps at most "
+                                 f"{spec.tokens - 1} draft nodes")
+            return TreeSpec("dynamic", top_k=spec.top_k, depth=spec.depth, tokens=k + 1)
+        if k != spec.max_nodes - 1:
+            raise ValueError(f"controller candidate k={k}: a static tree ({spec}) is on (k={spec.max_nodes - 1}) "
+                             f"or off (k=0)")
+        return spec
 
     # ---- buffers ---------------------------------------------------------------------------------
     def _workspace(self, bs: int, need: int, cache: KVCache | None, n_stop: int) -> _Workspace:
