@@ -41,6 +41,22 @@ def routing_and_moe():
         ops.fused_moe(x, w13, w2, r, shared)
 
 
+def routing_value_rules():
+    """The routing kernels' rules for non-finite values (routing.h clean_*: +Inf / NaN logits, NaN bias, NaN /
+    negative / +Inf token weights) and protection beyond the budget, on the fused (T <= 128) and multi-block
+    paths."""
+    for T in (7, 300):
+        logits = torch.randn(T, 64, device="cuda")
+        logits[0, 3], logits[1], logits[2, 5] = float("inf"), float("inf"), float("nan")
+        bias = torch.zeros(64, device="cuda")
+        bias[7] = float("nan")
+        tw = torch.rand(T, device="cuda")
+        tw[0], tw[1], tw[2] = float("nan"), -1.0, float("inf")
+        protect = torch.arange(T, device="cuda") < 4
+        for policy in ("substitute", "truncate"):
+            ops.route_budget(logits, 4, 12, bias=bias, token_weights=tw, protect=protect, policy=policy)
+
+
 def tree_attention():
     for T, prefix, d, rep in [(1, 1000, 128, 4), (7, [0, 127], 64, 8), (37, 300, 128, 1), (100, 1, 128, 16)]:
         q, k, v, pre, mask = make_case(2, T, 2 * rep, 2, d, prefix, torch.bfloat16, "cuda")
@@ -90,6 +106,7 @@ def speculative_steps():
 
 if __name__ == "__main__":
     routing_and_moe()
+    routing_value_rules()
     tree_attention()
     accept_and_compact()
     philox_uniform()

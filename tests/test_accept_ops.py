@@ -1,13 +1,14 @@
 """specmoe::tree_accept, specmoe::kv_compact and specmoe::philox_uniform: CPU op vs plain-PyTorch references
 (reference.py: the per-node scalar rules and the vectorized walks), the device q-aware rule vs its reference,
-a chi-square test of the sampled rule, argument errors, and (marked gpu) CUDA == CPU bit for bit, CUDA-graph
-replay."""
+a chi-square test of the sampled rule, argument errors on every backend (meta included; one argument on meta
+and the rest on the CPU raises), kv_compact's aliasing and path checks, and (marked gpu) CUDA == CPU bit for bit,
+CUDA-graph replay."""
 import random
 
 import pytest
 import torch
 
-from conftest import devices  # noqa: F401
+from conftest import devices
 from specmoe_ext import ops, reference as R
 from specmoe_ext.models.generate import SamplingParams, process_logits
 from specmoe_ext.models.kv_cache import KVCache
@@ -96,14 +97,31 @@ def test_philox_uniform_matches_the_reference(device):
         ops.philox_uniform(seed, off, 3, 0)
 
 
-def test_philox_uniform_errors_and_fake_kernel():
+PHILOX_BAD = [
+    (lambda seed, off: (seed.int(), off, 4, 1), "seed must be int64"),
+    (lambda seed, off: (seed, off[:2], 4, 1), "offset has 2"),
+    (lambda seed, off: (seed, off, -1, 1), "n must be in"),
+    (lambda seed, off: (seed[None], off, 4, 1), "seed must be int64 \\[bs\\]"),
+    (lambda seed, off: (seed, torch.zeros(3, dtype=torch.long, device="cpu" if seed.is_meta else "meta"), 4, 1),
+     "offset is on (meta|cpu) but seed is on (cpu|meta)"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", range(len(PHILOX_BAD)))
+def test_philox_uniform_errors(device, case):
+    """The same error on the CPU and the meta (fake) kernel; the last case mixes meta with the CPU."""
+    make, msg = PHILOX_BAD[case]
+    with pytest.raises(RuntimeError, match=msg):
+        ops.philox_uniform(*make(torch.arange(3, device=device), torch.zeros(3, dtype=torch.long, device=device)))
+
+
+def test_philox_uniform_fake_kernel():
     seed, off = torch.arange(3), torch.zeros(3, dtype=torch.long)
-    for args, msg in [((seed.int(), off, 4, 1), "seed must be int64"), ((seed, off[:2], 4, 1), "offset has 2"),
-                      ((seed, off, -1, 1), "n must be in"), ((seed[None], off, 4, 1), "seed must be int64 \\[bs\\]")]:
-        with pytest.raises(RuntimeError, match=msg):
-            ops.philox_uniform(*args)
     m = ops.philox_uniform(seed.to("meta"), off.to("meta"), 5, 2)
     assert m.shape == (3, 5) and m.dtype == torch.float32 and m.is_meta
+    torch.library.opcheck(torch.ops.specmoe.philox_uniform.default, (seed, off, 5, 1))
 
 
 # ---- greedy -------------------------------------------------------------------------------------------
@@ -255,34 +273,64 @@ def test_chi_square_first_token(temperature, top_p, top_k):
 
 # ---- argument errors ------------------------------------------------------------------------------------
 
-def test_tree_accept_errors():
+def accept_args(device):
+    """A valid (logits, tokens, parent, valid) + seed / offset of 2 requests x 3 nodes, on `device`."""
     logits, tokens, parent, valid = make_batch(2, 3, 10, "chain", seed=0)
     seed, off = seeds_offsets(2)
-    kw = dict(seed=seed, offset=off)
-    bad = [
-        (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-        (dict(temperature=1.0, top_p=0.0), "top_p"), (dict(temperature=1.0, top_p=1.5), "top_p"),
-        (dict(temperature=1.0, top_k=-1), "top_k"),
-    ]
-    for extra, word in bad:
-        with pytest.raises(RuntimeError, match=word):
-            ops.tree_accept(logits, tokens, parent, valid, **extra, **kw)
-    with pytest.raises(RuntimeError, match="logits"):
-        ops.tree_accept(logits[0], tokens, parent, valid, **kw)
-    with pytest.raises(RuntimeError, match="logits"):
-        ops.tree_accept(logits.to(torch.float64), tokens, parent, valid, **kw)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        ops.tree_accept(logits.transpose(0, 1), tokens.t().contiguous(), parent.t().contiguous(),
-                        valid.t().contiguous(), **kw)
-    with pytest.raises(RuntimeError, match="tokens"):
-        ops.tree_accept(logits, tokens.int(), parent, valid, **kw)
-    with pytest.raises(RuntimeError, match="parent"):
-        ops.tree_accept(logits, tokens, parent[:, :2], valid, **kw)
-    with pytest.raises(RuntimeError, match="valid"):
-        ops.tree_accept(logits, tokens, parent, valid.long(), **kw)
-    with pytest.raises(RuntimeError, match="offset"):
-        ops.tree_accept(logits, tokens, parent, valid, seed=seed, offset=off[:1])
-    assert torch.equal(off, seeds_offsets(2)[1])           # nothing ran
+    return [t.to(device) for t in (logits, tokens, parent, valid)], dict(seed=seed.to(device), offset=off.to(device))
+
+
+ACCEPT_BAD = [  # (args, kwargs) -> bad (args, kwargs), the message
+    (lambda a, kw: (a, dict(kw, temperature=-0.1)), "temperature"),
+    (lambda a, kw: (a, dict(kw, temperature=float("nan"))), "temperature"),
+    (lambda a, kw: (a, dict(kw, temperature=1.0, top_p=0.0)), "top_p"),
+    (lambda a, kw: (a, dict(kw, temperature=1.0, top_p=1.5)), "top_p"),
+    (lambda a, kw: (a, dict(kw, temperature=1.0, top_k=-1)), "top_k"),
+    (lambda a, kw: ([a[0][0]] + a[1:], kw), "logits"),
+    (lambda a, kw: ([a[0].to(torch.float64)] + a[1:], kw), "logits"),
+    (lambda a, kw: ([a[0].transpose(0, 1)] + [t.t().contiguous() for t in a[1:]], kw), "contiguous"),
+    (lambda a, kw: ([a[0], a[1].int()] + a[2:], kw), "tokens"),
+    (lambda a, kw: (a[:2] + [a[2][:, :2], a[3]], kw), "parent"),
+    (lambda a, kw: (a[:3] + [a[3].long()], kw), "valid"),
+    (lambda a, kw: (a, dict(kw, offset=kw["offset"][:1])), "offset"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("device", devices() + ["meta"])
+@pytest.mark.parametrize("case", range(len(ACCEPT_BAD)))
+def test_tree_accept_errors(device, case):
+    """The same error on every backend (the meta kernel runs the very checks), before anything runs."""
+    args, kw = accept_args(device)
+    off0 = kw["offset"].clone()
+    make, word = ACCEPT_BAD[case]
+    bad_args, bad_kw = make(args, kw)
+    with pytest.raises(RuntimeError, match=word):
+        ops.tree_accept(*bad_args, **bad_kw)
+    if device != "meta":
+        assert torch.equal(kw["offset"], off0)           # nothing ran
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("odd", ["logits", "tokens", "parent", "valid", "seed", "offset"])
+def test_tree_accept_meta_mixed_with_cpu_raises(odd):
+    """One argument on meta, the rest on the CPU (before: offset on meta returned a garbage path)."""
+    (logits, tokens, parent, valid), kw = accept_args("cpu")
+    named = dict(logits=logits, tokens=tokens, parent=parent, valid=valid, **kw)
+    named[odd] = named[odd].to("meta")
+    message = "is on cpu but logits is on meta" if odd == "logits" else f"{odd} is on meta but logits is on cpu"
+    with pytest.raises(RuntimeError, match=message):
+        ops.tree_accept(named["logits"], named["tokens"], named["parent"], named["valid"], seed=named["seed"],
+                        offset=named["offset"])
+
+
+def test_tree_accept_meta_kernel():
+    args, kw = accept_args("cpu")
+    real = ops.tree_accept(*args, **kw)
+    meta_args, meta_kw = accept_args("meta")
+    for r, m in zip(real, ops.tree_accept(*meta_args, **meta_kw)):
+        assert m.is_meta and m.shape == r.shape and m.dtype == r.dtype
+    torch.library.opcheck(torch.ops.specmoe.tree_accept.default, (*args, 0.0, 1.0, 0, kw["seed"], kw["offset"]))
 
 
 # ---- kv_compact -------------------------------------------------------------------------------------------
@@ -330,39 +378,109 @@ def test_kv_compact_matches_reference(dtype, kind):
         assert lengths.tolist() == r_len.tolist()
 
 
-def test_kv_compact_errors_leave_cache_untouched():
-    rng = random.Random(0)
-    bs, T, S = 2, 5, 16
-    c = make_cache(2, bs, 2, 8, S, torch.float32)
-    before = [t.clone() for t in c.k + c.v]
-    lengths = torch.tensor([3, 4])
-    path = torch.tensor([[0, 1, 3, -1, -1], [0, 2, 4, -1, -1]])
-    n = torch.tensor([2, 2])
-    cache = c.k + c.v
-    bad = [
-        ((cache[:1] + [cache[1][:, :1].contiguous()], lengths, path, n), "cache\\[1\\]"),
-        ((cache[:1] + [cache[1].half()], lengths, path, n), "cache\\[1\\]"),
-        ((cache[:1] + [cache[1].transpose(2, 3)], lengths, path, n), "cache\\[1\\]"),
-        ((cache, lengths.int(), path, n), "lengths"),
-        ((cache, lengths[:1], path, n), "lengths"),
-        ((cache, lengths, path.int(), n), "path"),
-        ((cache, lengths, path[0], n), "path"),
-        ((cache, lengths, path, n[:1]), "n_accepted"),
-        ((cache, lengths, path, torch.tensor([2, 5])), "n_accepted"),
-        ((cache, lengths, torch.tensor([[0, 1, 3, -1, -1], [0, 0, 4, -1, -1]]), n), "path"),
-        ((cache, lengths, torch.tensor([[1, 1, 3, -1, -1], [0, 2, 4, -1, -1]]), n), "path"),
-        ((cache, torch.tensor([3, 14]), path, n), "capacity"),
-        ((cache, torch.tensor([3, 9]), torch.tensor([[0, 1, 3, -1, -1], [0, 2, 9, -1, -1]]), n), "path"),
-        (([], lengths, path, n), "cache"),
-        ((cache * 129, lengths, path, n), "cache"),
-    ]
-    for args, word in bad:
-        l0 = args[1].clone()
-        with pytest.raises(RuntimeError, match=word):
-            ops.kv_compact(*args)
-        assert torch.equal(args[1], l0)
-        for t, b in zip(c.k + c.v, before):
-            assert torch.equal(t, b)
+def kv_args(device="cpu"):
+    """A 2-layer cache (K and V: 4 tensors [2, 2, 16, 8]) on `device`, lengths [3, 4], a valid path / n."""
+    c = make_cache(2, 2, 2, 8, 16, torch.float32)
+    return ([t.to(device) for t in c.k + c.v], torch.tensor([3, 4], device=device),
+            torch.tensor([[0, 1, 3, -1, -1], [0, 2, 4, -1, -1]], device=device), torch.tensor([2, 2], device=device))
+
+
+KV_BAD = [  # every backend (meta included): (cache, lengths, path, n) -> bad arguments, the message
+    (lambda c, l, p, n: (c[:1] + [c[1][:, :1].contiguous()], l, p, n), "cache\\[1\\]"),
+    (lambda c, l, p, n: (c[:1] + [c[1].half()], l, p, n), "cache\\[1\\]"),
+    (lambda c, l, p, n: (c[:1] + [c[1].transpose(2, 3)], l, p, n), "cache\\[1\\]"),
+    (lambda c, l, p, n: (c, l.int(), p, n), "lengths"),
+    (lambda c, l, p, n: (c, l[:1], p, n), "lengths"),
+    (lambda c, l, p, n: (c, l, p.int(), n), "path"),
+    (lambda c, l, p, n: (c, l, p[0], n), "path"),
+    (lambda c, l, p, n: (c, l, p, n[:1]), "n_accepted"),
+    (lambda c, l, p, n: ([], l, p, n), "cache"),
+    (lambda c, l, p, n: (c * 65, l, p, n), "cache"),
+    # the same tensor twice would be compacted twice (before: silently corrupted)
+    (lambda c, l, p, n: (c + c[2:3], l, p, n), "cache\\[2\\] and cache\\[4\\] share memory"),
+    (lambda c, l, p, n: ([c[0], c[0][:, :, :]], l, p, n), "cache\\[0\\] and cache\\[1\\] share memory"),
+    (lambda c, l, p, n: (overlapping_pair(c[0]), l, p, n), "cache\\[0\\] and cache\\[1\\] share memory"),
+    (lambda c, l, p, n: (c, l, p, l), "lengths and n_accepted share memory"),
+]
+
+
+def overlapping_pair(t):
+    """Two cache-shaped views of one buffer that overlap by all but one row."""
+    buf = torch.empty(t.numel() + t.shape[-1], dtype=t.dtype, device=t.device)
+    return [buf[:t.numel()].view(t.shape), buf[t.shape[-1]:].view(t.shape)]
+
+
+KV_VALUE_BAD = [  # the CPU reads the values (CUDA skips such moves instead): (lengths, path, n), the message
+    (lambda l, p, n: (l, p, torch.tensor([2, 5])), "n_accepted"),
+    (lambda l, p, n: (l, torch.tensor([[0, 1, 3, -1, -1], [0, 0, 4, -1, -1]]), n), "path"),
+    (lambda l, p, n: (l, torch.tensor([[1, 1, 3, -1, -1], [0, 2, 4, -1, -1]]), n), "path"),
+    (lambda l, p, n: (torch.tensor([3, 14]), p, n), "capacity"),
+    (lambda l, p, n: (torch.tensor([3, 9]), torch.tensor([[0, 1, 3, -1, -1], [0, 2, 9, -1, -1]]), n), "path"),
+    (lambda l, p, n: (torch.tensor([-1, 4]), p, n), "capacity"),
+    # a node visited twice by a path (before: accepted, its K/V copied twice)
+    (lambda l, p, n: (l, torch.tensor([[0, 3, 3, -1, -1], [0, 2, 4, -1, -1]]), n),
+     "request 0: node 3 appears twice in path"),
+    (lambda l, p, n: (l, torch.tensor([[0, 4, 2, 4, -1], [0, 2, 4, -1, -1]]), torch.tensor([3, 2])),
+     "request 0: node 4 appears twice in path"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("device", devices() + ["meta"])
+@pytest.mark.parametrize("case", range(len(KV_BAD)))
+def test_kv_compact_errors(device, case):
+    """The same error on every backend; a bad call leaves the cache and lengths untouched."""
+    cache, lengths, path, n = kv_args(device)
+    before = [t.clone() for t in cache + [lengths]]
+    make, word = KV_BAD[case]
+    with pytest.raises(RuntimeError, match=word):
+        ops.kv_compact(*make(cache, lengths, path, n))
+    if device != "meta":
+        assert all(torch.equal(t, b) for t, b in zip(cache + [lengths], before))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", range(len(KV_VALUE_BAD)))
+def test_kv_compact_value_errors_leave_cache_untouched(case):
+    cache, lengths, path, n = kv_args()
+    make, word = KV_VALUE_BAD[case]
+    lengths, path, n = make(lengths, path, n)
+    before = [t.clone() for t in cache + [lengths]]
+    with pytest.raises(RuntimeError, match=word):
+        ops.kv_compact(cache, lengths, path, n)
+    assert all(torch.equal(t, b) for t, b in zip(cache + [lengths], before))
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("odd", ["lengths", "path", "n_accepted", "cache[1]"])
+def test_kv_compact_meta_mixed_with_cpu_raises(odd):
+    """One argument on meta, the rest on the CPU (before: lengths on meta did nothing, silently)."""
+    cache, lengths, path, n = kv_args()
+    named = dict(lengths=lengths, path=path, n_accepted=n)
+    if odd == "cache[1]":
+        cache[1] = cache[1].to("meta")
+        message = "cache\\[1\\] is on meta but cache\\[0\\] is on cpu"
+    else:
+        named[odd] = named[odd].to("meta")
+        message = f"{odd} is on meta but cache\\[0\\] is on cpu"
+    with pytest.raises(RuntimeError, match=message):
+        ops.kv_compact(cache, named["lengths"], named["path"], named["n_accepted"])
+
+
+def test_kv_compact_views_of_one_buffer_and_slots_in_place():
+    """Disjoint views of one buffer are separate tensors; path[b, j] == j is a slot already in place and may
+    repeat a moving node (a drafter's never-fed leaf: drafters.compact_fed_path)."""
+    cache, lengths, path, n = kv_args()
+    buf = torch.stack(cache)                                    # one storage, 4 disjoint views
+    views = list(buf.unbind(0))
+    fed = torch.tensor([[0, 2, 2, -1, -1], [0, 3, 4, 3, -1]])   # request 0: node 2 moves to 1, slot 2 stays
+    n3 = torch.tensor([2, 3])
+    r_cache, r_len = R.kv_compact(cache, lengths, fed, n3)
+    ops.kv_compact(views, lengths, fed, n3)
+    assert all(torch.equal(a, b) for a, b in zip(views, r_cache)) and torch.equal(lengths, r_len)
+    meta = [t.to("meta") for t in cache]
+    ops.kv_compact(meta, lengths.to("meta"), path.to("meta"), n.to("meta"))   # the meta kernel: checks only
+    torch.library.opcheck(torch.ops.specmoe.kv_compact.default, (cache, lengths.clone(), path, n))
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------

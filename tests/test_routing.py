@@ -1,4 +1,6 @@
-"""specmoe::route_topk / route_budget against reference.py, plus ties, NaN, errors, compile, graphs.
+"""specmoe::route_topk / route_budget against reference.py, plus ties, the value rules (NaN / Inf logits,
+NaN bias, NaN / negative / Inf token weights, protection beyond the budget), errors on every backend
+(meta included), compile, graphs.
 
 Shape legend: T tokens, E experts, K experts per token, B budget.
 """
@@ -11,6 +13,8 @@ from specmoe_ext import ops, reference
 from conftest import devices
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOAT_MAX = torch.finfo(torch.float32).max
+INF, NAN = float("inf"), float("nan")
 
 
 def make_logits(T, E, dtype, device, seed):
@@ -150,6 +154,7 @@ def test_truncation_drops_slots_and_renormalizes(device):
     assert int(r.expert_offsets[-1]) == int((ids >= 0).sum())
 
 
+@pytest.mark.bad_input(2)  # an all-NaN row; a NaN at a row's best expert
 @pytest.mark.parametrize("device", devices())
 def test_nan_logits_count_as_minus_infinity(device):
     T, E, K = 4, 16, 3
@@ -178,6 +183,158 @@ def test_bias_steers_selection_not_weights(device):
     torch.testing.assert_close(w[:, 0], torch.sigmoid(logits[:, 31]))
 
 
+def assert_budget_matches_reference(device, logits, K, B, **kw):
+    got = ops.route_budget(logits, K, B, **kw)
+    assert_routing_equal(got, reference.route_budget(logits, K, B, **{k: (v.cpu() if torch.is_tensor(v) else v)
+                                                                       for k, v in kw.items()}))
+    assert torch.isfinite(got.weights).all()
+    return got
+
+
+@pytest.mark.bad_input(5)  # one +Inf logit, two, a whole row, +Inf under sigmoid, an +Inf expert under a budget
+@pytest.mark.parametrize("device", devices())
+def test_inf_logits_count_as_the_largest_float(device):
+    """+Inf counts as the largest finite float: a softmax row's +Inf experts share its probability (before:
+    inf - inf = NaN gave the token zero weights, no expert output, and dropped the expert under a budget)."""
+    T, E, K = 6, 16, 3
+    logits = make_logits(T, E, torch.float32, device, 21)
+    logits[0, 5] = INF                      # one: weight 1 (renormalized or not)
+    logits[1, [2, 9]] = INF                 # two: 1/2 each, lower id first
+    logits[2, :] = INF                      # all: 1/E each, the lowest ids
+    for renormalize in (True, False):
+        w, ids = ops.route_topk(logits, K, renormalize=renormalize)
+        rw, rids = reference.route_topk(logits, K, renormalize=renormalize)
+        assert torch.equal(ids.cpu(), rids)
+        torch.testing.assert_close(w.cpu(), rw, rtol=2e-6, atol=2e-6)
+        assert ids[0, 0] == 5 and w[0, 0] == 1.0 and torch.all(w[0, 1:] == 0)
+        assert ids[1, :2].tolist() == [2, 9] and w[1, :2].tolist() == [0.5, 0.5]
+        assert ids[2].tolist() == [0, 1, 2]
+        torch.testing.assert_close(w[2].cpu(), torch.full((K,), 1 / K if renormalize else 1 / E))
+    w, ids = ops.route_topk(logits, K, scoring="sigmoid", renormalize=False)
+    assert ids[0, 0] == 5 and w[0, 0] == 1.0
+    # Under a budget: tokens 0-4 share experts 0-3 (score ~1.25 each), token 5 alone has expert 15 at +Inf
+    # (score 1, every other expert ~0): the budget of 5 keeps it and token 5 gets weight 1 there.
+    logits = torch.zeros(T, E, device=device)
+    logits[:5, :4] = 10.0
+    logits[5, 15] = INF
+    r = assert_budget_matches_reference(device, logits, 2, 5, policy="truncate")
+    assert r.kept_experts.tolist() == [0, 1, 2, 3, 15]
+    assert r.ids[5].tolist() == [15, 0] and r.weights[5].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.bad_input(2)  # a NaN bias entry (never chosen), with and without a budget
+@pytest.mark.parametrize("device", devices())
+def test_nan_bias_counts_as_minus_infinity(device):
+    """A NaN bias makes that expert's selection key -inf (before: CPU sorted NaN keys arbitrarily and the
+    reference first)."""
+    T, E, K = 9, 32, 4
+    logits = make_logits(T, E, torch.float32, device, 23)
+    bias = (torch.randn(E, generator=torch.Generator().manual_seed(1)) * 0.1).to(device)
+    best = int(reference.route_topk(logits, 1, bias=bias)[1][0, 0])
+    bias[best] = NAN
+    w, ids = ops.route_topk(logits, K, bias=bias)
+    rw, rids = reference.route_topk(logits, K, bias=bias)
+    assert torch.equal(ids.cpu(), rids)
+    torch.testing.assert_close(w.cpu(), rw, rtol=2e-6, atol=2e-6)
+    assert best not in ids.tolist()
+    assert_budget_matches_reference(device, logits, K, 8, bias=bias)
+
+
+@pytest.mark.bad_input(3)  # a NaN token weight, a negative one, an +Inf one
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("policy", ["substitute", "truncate"])
+def test_token_weights_count_as_clamped(device, policy):
+    """A token weight counts as max(w, 0) with NaN as 0 and +Inf as the largest float (before: a NaN weight
+    made every expert score NaN, a negative one kept the least likely experts)."""
+    T, E, K, B = 24, 32, 2, 6
+    logits = make_logits(T, E, torch.float32, device, 25)
+    good = torch.rand(T, generator=torch.Generator().manual_seed(2)).to(device)
+    for bad_value, counts_as in [(NAN, 0.0), (-3.0, 0.0), (INF, FLOAT_MAX)]:
+        tw, clean = good.clone(), good.clone()
+        tw[[1, 7]] = bad_value
+        clean[[1, 7]] = counts_as
+        got = assert_budget_matches_reference(device, logits, K, B, token_weights=tw, policy=policy)
+        assert_routing_equal(got, ops.route_budget(logits, K, B, token_weights=clean, policy=policy),
+                             check_weights_exact=True)
+    # a negative weight does not vote: the same as leaving the token out of the scores
+    tw = good.clone()
+    tw[0] = -100.0
+    zero = good.clone()
+    zero[0] = 0.0
+    assert torch.equal(ops.route_budget(logits, K, B, token_weights=tw).kept_experts,
+                       ops.route_budget(logits, K, B, token_weights=zero).kept_experts)
+
+
+@pytest.mark.bad_input(2)  # protected experts beyond the budget, under both policies
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("policy", ["substitute", "truncate"])
+def test_protection_beyond_the_budget_keeps_the_best_protected(device, policy):
+    """The protected tokens' natural experts number more than Bk: the Bk best of them by score are kept
+    (ties to the lower id) and the protected tokens are routed like the others (the documented rule, the
+    same on CPU, CUDA and in the reference)."""
+    T, E, K, B = 8, 32, 4, 6
+    logits = make_logits(T, E, torch.float32, device, 27)
+    protect = torch.zeros(T, dtype=torch.bool, device=device)
+    protect[:3] = True                                      # 3 tokens x 4 natural experts > 6
+    natural = ops.route_topk(logits, K)[1][:3].cpu()
+    protected = natural.unique()
+    assert protected.numel() > B
+    r = assert_budget_matches_reference(device, logits, K, B, protect=protect, policy=policy)
+    score = reference.expert_scores(reference.router_probs(logits.cpu(), "softmax"), None)
+    order = sorted(protected.tolist(), key=lambda e: (-float(score[e]), e))
+    assert r.kept_experts.cpu().tolist() == sorted(order[:B])
+    # within the budget protection holds exactly: one protected token keeps its natural experts
+    one = torch.zeros_like(protect)
+    one[2] = True
+    r1 = ops.route_budget(logits, K, B, protect=one, policy=policy)
+    assert r1.ids[2].cpu().tolist() == natural[2].tolist()
+
+
+@pytest.mark.bad_input(4)  # NaN logits, +Inf logits, a NaN bias, a negative token weight
+def test_check_finite_refuses_what_the_rules_would_clean():
+    logits = make_logits(4, 8, torch.float32, "cpu", 29)
+    ops.route_budget(logits, 2, 4, bias=torch.zeros(8), token_weights=torch.rand(4), check_finite=True)
+    for kw, message in [(dict(logits=logits.clone().index_fill_(1, torch.tensor([3]), NAN)), "logits contain"),
+                        (dict(logits=logits.clone().index_fill_(1, torch.tensor([3]), INF)), "logits contain"),
+                        (dict(bias=torch.tensor([0.0] * 7 + [NAN])), "bias contains"),
+                        (dict(token_weights=torch.tensor([1.0, -1.0, 1.0, 1.0])), "token_weights contain")]:
+        kw = {"logits": logits, **kw}
+        with pytest.raises(ValueError, match=message):
+            ops.route_budget(kw.pop("logits"), 2, 4, check_finite=True, **kw)
+
+
+@pytest.mark.bad_input(5)  # +Inf / NaN logits, NaN bias, NaN / negative / +Inf token weights, protection overflow
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [7, 100, 300])   # fused single-block path (T <= 128) and the multi-block path
+def test_cuda_value_rules_equal_cpu(T):
+    """The CUDA kernels' value rules (routing.h clean_logit / clean_key / clean_token_weight) against the CPU op."""
+    E, K, B = 64, 4, 12
+    g = torch.Generator().manual_seed(T)
+    logits = make_logits(T, E, torch.bfloat16, "cpu", T)
+    logits[0, 3] = INF
+    logits[1, [4, 40]] = INF
+    logits[2, :] = INF
+    logits[3, 5] = NAN
+    bias = torch.randn(E, generator=g) * 0.1
+    bias[7] = NAN
+    tw = torch.rand(T, generator=g)
+    tw[[0, 4]] = NAN
+    tw[5] = -2.0
+    tw[6] = INF
+    protect = torch.zeros(T, dtype=torch.bool)
+    protect[:4] = True                                      # 15 distinct natural experts > B = 12
+    for kw in [dict(), dict(bias=bias), dict(token_weights=tw, protect=protect),
+               dict(bias=bias, token_weights=tw, protect=protect, policy="truncate")]:
+        w_c, i_c = ops.route_topk(logits, K, bias=kw.get("bias"))
+        w_g, i_g = ops.route_topk(logits.cuda(), K, bias=kw["bias"].cuda() if "bias" in kw else None)
+        assert torch.equal(i_g.cpu(), i_c)
+        torch.testing.assert_close(w_g.cpu(), w_c, rtol=2e-6, atol=2e-6)
+        cpu = ops.route_budget(logits, K, B, **kw)
+        gpu = ops.route_budget(logits.cuda(), K, B, **{k: (v.cuda() if torch.is_tensor(v) else v) for k, v in kw.items()})
+        assert_routing_equal(gpu, cpu)
+        assert torch.isfinite(gpu.weights).all()
+
+
 BAD = [
     (lambda d: dict(logits=torch.randn(4, 8, device=d), top_k=9), "top_k must be in"),
     (lambda d: dict(logits=torch.randn(4, 8, device=d), top_k=0), "top_k must be in"),
@@ -201,9 +358,11 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("device", devices())
+@pytest.mark.bad_input
+@pytest.mark.parametrize("device", devices() + ["meta"])
 @pytest.mark.parametrize("case", range(len(BAD)))
 def test_bad_input_raises_clear_error(device, case):
+    """The same error on every backend: the meta (fake) kernel runs the very checks of the CPU / CUDA ones."""
     make, message = BAD[case]
     kw = make(device)
     budget = kw.pop("budget", kw["top_k"])
@@ -211,6 +370,41 @@ def test_bad_input_raises_clear_error(device, case):
         ops.route_budget(kw.pop("logits"), kw.pop("top_k"), budget, **kw)
 
 
+MIXED = [  # (argument on the odd device, the message); the others on the base device
+    ("bias", lambda d: dict(bias=torch.zeros(8, device=d)), "bias is on {odd} but logits is on {base}"),
+    ("token_weights", lambda d: dict(token_weights=torch.ones(4, device=d)),
+     "token_weights is on {odd} but logits is on {base}"),
+    ("protect", lambda d: dict(protect=torch.zeros(4, dtype=torch.bool, device=d)),
+     "protect is on {odd} but logits is on {base}"),
+]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("op,case", [("route_topk", 0)] + [("route_budget", c) for c in range(len(MIXED))])
+@pytest.mark.parametrize("base,odd", [("cpu", "meta"), ("meta", "cpu")])
+def test_meta_mixed_with_cpu_raises(op, case, base, odd):
+    """One argument on meta, the rest on the CPU (or the reverse): the dispatcher sends the call to the meta
+    kernel, whose device checks refuse it (before: route_topk with bias on meta returned uninitialised ids)."""
+    name, make, message = MIXED[case]
+    logits = torch.randn(4, 8, device=base)
+    with pytest.raises(RuntimeError, match=message.format(odd=odd, base=base)):
+        if op == "route_topk":
+            ops.route_topk(logits, 2, **make(odd))
+        else:
+            ops.route_budget(logits, 2, 4, **make(odd))
+
+
+def test_meta_kernels_give_the_real_output_metadata():
+    """Meta tensors in, meta tensors of the CPU op's shapes and dtypes out (no Python fake kernels)."""
+    logits = make_logits(13, 60, torch.bfloat16, "cpu", 0)
+    for real, meta in [(ops.route_topk(logits, 4), ops.route_topk(logits.to("meta"), 4)),
+                       (ops.route_budget(logits, 4, 16), ops.route_budget(logits.to("meta"), 4, 16))]:
+        for r, m in zip(real, meta):
+            assert m.is_meta and m.shape == r.shape and m.dtype == r.dtype
+    assert torch._library.simple_registry.singleton.find("specmoe::route_budget").fake_impl.kernel is None
+
+
+@pytest.mark.bad_input(2)
 @pytest.mark.gpu
 def test_mixed_devices_raise():
     logits = torch.randn(4, 8, device="cuda")

@@ -11,6 +11,10 @@
 //   expert_counts   [Bk]        int32   pairs of kept slot j
 //   expert_offsets  [Bk + 1]    int32   exclusive scan of counts
 //   sorted_pairs    [N]         int32   flat pair ids t*K+k grouped by slot, ascending within a slot
+// The kernels trust the grouping: kept experts distinct ids in [0, E), counts >= 0 with offsets their
+// exclusive scan (<= N), each slot's pairs strictly ascending in [0, N), no pair in two slots, and every pair
+// with a nonzero weight in one (the tiled combine reads the rows of exactly those). fused_moe_common.h
+// check_grouping states it on host data (CPU always; CUDA under SPECMOE_CHECK_ROUTING=1).
 //   act (scratch)   [N, f]      same dtype: silu(W1 x) * (W3 x) of pair at sorted position p
 //   pair_out        [N, h]      fp32 scratch of the tiled path (row = pair t*K+k); unused by stream
 //   y (out)         [T, h]      same dtype, contiguous

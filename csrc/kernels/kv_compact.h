@@ -17,7 +17,9 @@
 // below every later source, and no source lies below its destination. Launch 2 updates lengths (after
 // every CTA of launch 1 read them).
 // Device-side robustness (the host cannot see the values without a sync): n is clamped to [0, P-1];
-// moves with path[j] < 1 or a slot outside [0, S) are skipped; the new length is capped at S.
+// moves with path[j] < 1 or a slot outside [0, S) are skipped; the new length is capped at S; a node
+// repeated in a path is a plain copy (every stage reads its sources before writing, and path[j] >= j keeps
+// later sources above earlier destinations). The CPU op refuses all of these (kv_compact_common.h).
 // Tensor pointers travel by value in the params struct: nothing is copied host -> device per call.
 #pragma once
 

@@ -13,11 +13,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SPECMOE_HD __host__ __device__ __forceinline__
-#else
-#define SPECMOE_HD inline
-#endif
+#include "host_device.h"
 
 namespace specmoe {
 namespace philox {

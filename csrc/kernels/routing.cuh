@@ -46,8 +46,6 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-__device__ __forceinline__ float nan_to_neg_inf(float x) { return isnan(x) ? -INFINITY : x; }
-
 // P for one (clean) logit given the row's softmax stats (m: max, or 0 with no finite logit;
 // inv = 1 / sum of exp(x - m), or 0 when that sum is 0). One reciprocal per row, not a divide per
 // element: the CPU implementation computes the same expression.
@@ -76,7 +74,7 @@ __device__ __forceinline__ void clean_row(const RouteParams& p, int lane, const 
                                           float (&x)[EPL]) {
 #pragma unroll
   for (int i = 0; i < EPL; ++i)
-    x[i] = lane + 32 * i < p.E ? nan_to_neg_inf(to_float(r.v[i])) : -INFINITY;
+    x[i] = lane + 32 * i < p.E ? clean_logit(to_float(r.v[i])) : -INFINITY;
 }
 
 // Row probabilities P[i] of expert lane + 32 i, and the stats prob_of needs (m, inv).
@@ -115,7 +113,7 @@ __device__ __forceinline__ void make_keys(const RouteParams& p, int lane, const 
   for (int i = 0; i < EPL; ++i) {
     const int e = lane + 32 * i;
     const bool ok = e < p.E;
-    key[i] = ok ? order_key(p.bias ? P[i] + p.bias[e] : x[i]) : kUnavailable;
+    key[i] = ok ? order_key(p.bias ? clean_key(P[i] + p.bias[e]) : x[i]) : kUnavailable;
   }
 }
 
@@ -256,8 +254,8 @@ __device__ __forceinline__ void warp_topk_kept(const RouteParams& p, int t, int 
     const int j = lane + 32 * i;
     const bool ok = j < p.num_kept;
     const int e = ok ? kept[j] : 0;
-    const float xe = !ok ? -INFINITY : (row_x ? row_x[e] : nan_to_neg_inf(to_float(row[e])));
-    const float k = p.bias ? prob_of(xe, p.scoring, m, inv) + p.bias[e] : xe;
+    const float xe = !ok ? -INFINITY : (row_x ? row_x[e] : clean_logit(to_float(row[e])));
+    const float k = p.bias ? clean_key(prob_of(xe, p.scoring, m, inv) + p.bias[e]) : xe;
     key[i] = ok ? order_key(k) : kUnavailable;
     id[i] = e;
     xs[i] = xe;
@@ -319,7 +317,7 @@ __device__ __forceinline__ void token_pass(const RouteParams& p, int t, int lane
   float P[EPL], m, s;
   row_probs(p, x, P, m, s);
   if (budget) {
-    const float tw = p.token_weights ? p.token_weights[t] : 1.f;
+    const float tw = p.token_weights ? clean_token_weight(p.token_weights[t]) : 1.f;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) acc[i] += tw * P[i];
     if (lane == 0) { ts.stat_m[t] = m; ts.stat_s[t] = s; }

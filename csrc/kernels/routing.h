@@ -15,12 +15,16 @@
 //   sorted_pairs    [N]      int32, p grouped by kept expert, ascending p within one; -1 padded
 //
 // Semantics (python/specmoe_ext/reference.py is the executable statement):
-//   P[t, :] = softmax(logits[t, :]) or sigmoid(logits[t, :]) in fp32; NaN logits count as -inf.
-//   selection key = logits (no bias; same order as P) or P + bias. Top-K: best first, ties to the
-//   lower expert id. Budget (Bk < E): s[e] = sum_t w_t P[t, e]; keep the Bk best experts by
-//   (protected, s, -e); substitute = re-pick each token's top-K among the kept experts, truncate =
-//   drop natural slots whose expert is not kept. Weights are P at the chosen experts, divided by
-//   their sum when `renormalize` (0 when the sum is 0).
+//   P[t, :] = softmax(logits[t, :]) or sigmoid(logits[t, :]) in fp32 of the clean logits (clean_logit:
+//   NaN counts as -inf, +inf as the largest finite float, so a row's +inf experts share probability 1).
+//   selection key = logits (no bias; same order as P) or P + bias, a NaN key (NaN bias) counting as
+//   -inf (clean_key). Top-K: best first, ties to the lower expert id. Budget (Bk < E): s[e] = sum_t
+//   w_t P[t, e] with w_t = clean_token_weight(token_weights[t]) (NaN and negative weights count as 0,
+//   +inf as the largest finite float, so scores are never NaN); keep the Bk best experts by
+//   (protected, s, -e). Protected experts beyond the budget: the Bk best of them by (s, -e) are kept and
+//   the protected tokens are then routed like the others. substitute = re-pick each token's top-K
+//   among the kept experts, truncate = drop natural slots whose expert is not kept. Weights are P at
+//   the chosen experts, divided by their sum when `renormalize` (0 when the sum is 0).
 //
 // Algorithm: a token is one warp (each lane holds E/32 logits in registers); top-K by K rounds of
 // redux.sync max over order-preserving integer keys, then redux.sync min over ids for the tie.
@@ -32,11 +36,20 @@
 // is CUDA-graph capturable and bitwise deterministic.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 
+#include "host_device.h"
+
 namespace specmoe {
 namespace routing {
+
+// Value rules of non-finite inputs, shared by the CPU op and the kernels (reference.py: the same).
+SPECMOE_HD float clean_logit(float x) { return x != x ? -INFINITY : (x > FLT_MAX ? FLT_MAX : x); }
+SPECMOE_HD float clean_key(float k) { return k != k ? -INFINITY : k; }
+SPECMOE_HD float clean_token_weight(float w) { return w > 0.f ? (w < FLT_MAX ? w : FLT_MAX) : 0.f; }
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum class Scoring : int { kSoftmax = 0, kSigmoid = 1 };

@@ -14,7 +14,8 @@
 //   out[b, t, h] = softmax_j(scale * q[b, t, h] . k[b, h / rep, j]) v[b, h / rep, j]
 //                  over slots j < prefix_b and j = prefix_b + i with bit i of tree_mask[b, t]
 //
-// Slots >= min(prefix_b + T, S) are never read.
+// Slots >= min(prefix_b + T, S) are never read (nor any below 0): prefix_lens outside [0, S - T], which the
+// CPU op refuses, cannot make the kernel read out of bounds.
 //
 // Algorithm (flash-decoding with the GQA group folded into the query rows):
 //   rows m = t * rep + r (r = query head within the group) of one (request, KV head) form the M

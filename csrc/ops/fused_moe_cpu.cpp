@@ -1,5 +1,6 @@
 // CPU implementation of specmoe::fused_moe: per kept expert with pairs, one GEMM pair over its tokens
-// (ATen), accumulated in float32 in slot order. Reads the routing on the host (it is on the CPU).
+// (ATen), accumulated in float32 in slot order. Reads the routing on the host (it is on the CPU), so the
+// grouping's values are validated first, always (check_grouping).
 #include <torch/library.h>
 
 #include "fused_moe_common.h"
@@ -14,6 +15,7 @@ at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::T
                          const c10::optional<at::Tensor>& shared_weight) {
   const MoeArgs a = check_moe_args(x, w13, w2, weights, kept, counts, offsets, pairs, false);
   const int64_t fs = check_shared_expert(x, shared_w13, shared_w2, shared_weight);
+  check_grouping(a, weights, kept, counts, offsets, pairs);
   at::Tensor y = at::zeros({a.T, a.h}, x.options().dtype(at::kFloat));
   const int32_t* kp = kept.data_ptr<int32_t>();
   const int32_t* cp = counts.data_ptr<int32_t>();
@@ -22,7 +24,6 @@ at::Tensor fused_moe_cpu(const at::Tensor& x, const at::Tensor& w13, const at::T
   for (int64_t j = 0; j < a.num_kept; ++j) {
     if (cp[j] <= 0) continue;
     const int64_t e = kp[j];
-    SPECMOE_CHECK(e >= 0 && e < a.E, "fused_moe: kept_experts[", j, "] = ", e, " is not an expert id");
     const at::Tensor p = pairs.slice(0, op[j], op[j] + cp[j]).to(at::kLong);
     const at::Tensor tok = at::floor_divide(p, a.K);
     const at::Tensor xs = x.index_select(0, tok).to(at::kFloat);

@@ -24,6 +24,24 @@ fused_moe::Path path_from_env() {
   return fused_moe::Path::kAuto;
 }
 
+// SPECMOE_CHECK_ROUTING=1 (debugging): the grouping's values are validated as on the CPU (check_grouping)
+// before the launch. That copies them to the host, a synchronization, so it is refused during CUDA graph
+// capture. Unset (the default): the kernels trust the grouping, no extra work.
+bool routing_check_requested() {
+  const char* v = std::getenv("SPECMOE_CHECK_ROUTING");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+void check_grouping_on_host(const MoeArgs& a, const at::Tensor& weights, const at::Tensor& kept,
+                            const at::Tensor& counts, const at::Tensor& offsets, const at::Tensor& pairs) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(), &capture);
+  SPECMOE_CHECK(err == cudaSuccess && capture == cudaStreamCaptureStatusNone,
+                "fused_moe: SPECMOE_CHECK_ROUTING=1 reads the routing on the host, which a CUDA graph capture "
+                "cannot do; unset it while capturing");
+  check_grouping(a, weights.cpu(), kept.cpu(), counts.cpu(), offsets.cpu(), pairs.cpu());
+}
+
 at::Tensor fused_moe_cuda(const at::Tensor& x, const at::Tensor& w13, const at::Tensor& w2,
                           const at::Tensor& weights, const at::Tensor& kept, const at::Tensor& counts,
                           const at::Tensor& offsets, const at::Tensor& pairs,
@@ -32,6 +50,7 @@ at::Tensor fused_moe_cuda(const at::Tensor& x, const at::Tensor& w13, const at::
   const MoeArgs a = check_moe_args(x, w13, w2, weights, kept, counts, offsets, pairs, true);
   const int64_t fs = check_shared_expert(x, shared_w13, shared_w2, shared_weight);
   const c10::cuda::CUDAGuard guard(x.device());
+  if (routing_check_requested()) check_grouping_on_host(a, weights, kept, counts, offsets, pairs);
   at::Tensor y = at::empty({a.T, a.h}, x.options());
   at::Tensor act = at::empty({a.T * a.K, a.f}, x.options());
   fused_moe::MoeParams p;

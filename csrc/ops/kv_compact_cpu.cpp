@@ -1,5 +1,6 @@
-// CPU implementation of specmoe::kv_compact: every value checked before the first write, then per
-// (tensor, request, head) the accepted rows are staged and written back (sources read first).
+// CPU implementation of specmoe::kv_compact: every value checked before the first write (a bad call
+// leaves the cache untouched), then per (tensor, request, head) the accepted rows are staged and written
+// back (sources read first).
 #include <torch/library.h>
 
 #include <cstring>
@@ -13,24 +14,10 @@ namespace {
 void kv_compact_cpu(at::TensorList cache, const at::Tensor& lengths, const at::Tensor& path,
                     const at::Tensor& n_accepted) {
   const KvArgs a = check_kv_compact_args(cache, lengths, path, n_accepted);
-  const char* op = "kv_compact";
+  check_kv_compact_moves(a, lengths, path, n_accepted);  // every value before the first write
   const int64_t* len = lengths.data_ptr<int64_t>();
   const int64_t* pp = path.data_ptr<int64_t>();
   const int64_t* np = n_accepted.data_ptr<int64_t>();
-  // every value is checked before the first write: a bad call leaves the cache untouched
-  for (int64_t b = 0; b < a.bs; ++b) {
-    const int64_t n = np[b], L = len[b];
-    const int64_t* row = pp + b * a.P;
-    SPECMOE_CHECK(n >= 0 && n <= a.P - 1, op, ": request ", b, ": n_accepted = ", n, " is outside [0, ",
-                  a.P - 1, "] (path has ", a.P, " columns)");
-    SPECMOE_CHECK(row[0] == 0, op, ": request ", b, ": path[", b, ", 0] must be 0 (the root), got ", row[0]);
-    SPECMOE_CHECK(L >= 0 && L + n + 1 <= a.S, op, ": request ", b, ": lengths = ", L, " plus ", n + 1,
-                  " committed slots exceeds the cache capacity S = ", a.S);
-    for (int64_t j = 1; j <= n; ++j)
-      SPECMOE_CHECK(row[j] >= j && L + row[j] < a.S, op, ": request ", b, ": path[", b, ", ", j, "] = ",
-                    row[j], " is not a tree node at depth ", j, " inside the cache (need ", j, " <= path < ",
-                    a.S - L, ")");
-  }
   const int64_t rb = a.d * a.elem;
   std::vector<char> stage;
   for (int64_t t = 0; t < a.n; ++t) {

@@ -1,6 +1,8 @@
-// Shared by the CPU and CUDA implementations of the routing ops: argument validation (every check runs
-// before any allocation or kernel, and names the argument, the expectation and the value) and the
-// output allocation. Shapes: see csrc/kernels/routing.h.
+// Shared by the CPU, CUDA and Meta implementations of the routing ops: argument validation (every check
+// runs before any allocation or kernel, and names the argument, the expectation and the value) and the
+// output allocation. Templates on the size type I (int64_t; c10::SymInt in the Meta kernels: check.h).
+// Shapes: see csrc/kernels/routing.h. Values (NaN / Inf logits, bias, token weights) are not errors
+// but follow the rules of routing.h, the same on every backend.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -13,46 +15,47 @@
 
 namespace specmoe {
 
-struct RouteArgs {
-  int64_t T, E, K, num_kept;
+template <typename I>
+struct RouteArgsT {
+  I T, E;
+  int64_t K;
+  I num_kept;
   routing::Scoring scoring;
   routing::Policy policy;
   routing::DType dtype;
 };
+using RouteArgs = RouteArgsT<int64_t>;
 
-inline void check_optional_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
-                                  int64_t len, at::ScalarType dtype, const at::Tensor& logits) {
+template <typename I>
+void check_optional_vector(const char* op, const char* name, const std::optional<at::Tensor>& t, const I& len,
+                           at::ScalarType dtype, const at::Tensor& logits) {
   if (!t.has_value()) return;
-  SPECMOE_CHECK(t->dim() == 1 && t->size(0) == len, op, ": ", name, " must have shape [", len,
-              "], got ", t->sizes());
+  SPECMOE_CHECK(t->dim() == 1 && size_of<I>(*t, 0) == len, op, ": ", name, " must have shape [", len,
+                "], got ", sizes_of<I>(*t));
   SPECMOE_CHECK(t->scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t->scalar_type());
-  SPECMOE_CHECK(t->device() == logits.device(), op, ": ", name, " is on ", t->device(),
-              " but logits is on ", logits.device());
+  check_same_device(op, name, *t, logits, "logits");
   SPECMOE_CHECK(t->is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-inline RouteArgs check_route_args(const char* op, const at::Tensor& logits, int64_t top_k,
-                                  int64_t budget, std::string_view scoring,
-                                  const std::optional<at::Tensor>& bias,
-                                  const std::optional<at::Tensor>& token_weights,
-                                  const std::optional<at::Tensor>& protect, std::string_view policy) {
-  SPECMOE_CHECK(logits.dim() == 2, op, ": logits must be 2-D [T, E], got shape ", logits.sizes());
+template <typename I = int64_t>
+RouteArgsT<I> check_route_args(const char* op, const at::Tensor& logits, int64_t top_k, int64_t budget,
+                               std::string_view scoring, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& token_weights,
+                               const std::optional<at::Tensor>& protect, std::string_view policy) {
+  SPECMOE_CHECK(logits.dim() == 2, op, ": logits must be 2-D [T, E], got shape ", sizes_of<I>(logits));
   const auto st = logits.scalar_type();
   SPECMOE_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
-              ": logits must be float32, bfloat16 or float16, got ", st);
-  SPECMOE_CHECK(logits.is_contiguous(), op, ": logits must be contiguous, got strides ",
-              logits.strides(), " (call .contiguous())");
-  RouteArgs a;
-  a.T = logits.size(0);
-  a.E = logits.size(1);
-  a.K = top_k;
+                ": logits must be float32, bfloat16 or float16, got ", st);
+  SPECMOE_CHECK(logits.is_contiguous(), op, ": logits must be contiguous, got strides ", strides_of<I>(logits),
+                " (call .contiguous())");
+  RouteArgsT<I> a{size_of<I>(logits, 0), size_of<I>(logits, 1), top_k, I(0), {}, {}, {}};
   SPECMOE_CHECK(a.E >= 1 && a.E <= routing::kMaxExperts, op, ": number of experts E = logits.size(1) must be in [1, ",
-              int(routing::kMaxExperts), "], got ", a.E);
+                int(routing::kMaxExperts), "], got ", a.E);
   SPECMOE_CHECK(top_k >= 1 && top_k <= a.E && top_k <= routing::kMaxTopK, op, ": top_k must be in [1, min(E, ",
-              int(routing::kMaxTopK), ")] with E = ", a.E, ", got ", top_k);
+                int(routing::kMaxTopK), ")] with E = ", a.E, ", got ", top_k);
   SPECMOE_CHECK(budget >= top_k, op, ": budget must be >= top_k (", top_k, "), got ", budget);
   SPECMOE_CHECK(a.T * a.K <= INT32_MAX, op, ": T * top_k must fit in int32, got T = ", a.T);
-  a.num_kept = budget < a.E ? budget : a.E;
+  a.num_kept = budget < a.E ? I(budget) : a.E;
   if (scoring == "softmax") a.scoring = routing::Scoring::kSoftmax;
   else if (scoring == "sigmoid") a.scoring = routing::Scoring::kSigmoid;
   else SPECMOE_CHECK(false, op, ": scoring must be 'softmax' or 'sigmoid', got '", scoring, "'");
@@ -61,9 +64,9 @@ inline RouteArgs check_route_args(const char* op, const at::Tensor& logits, int6
   else SPECMOE_CHECK(false, op, ": policy must be 'substitute' or 'truncate', got '", policy, "'");
   a.dtype = st == at::kFloat ? routing::DType::kFloat32
           : st == at::kBFloat16 ? routing::DType::kBFloat16 : routing::DType::kFloat16;
-  check_optional_vector(op, "bias", bias, a.E, at::kFloat, logits);
-  check_optional_vector(op, "token_weights", token_weights, a.T, at::kFloat, logits);
-  check_optional_vector(op, "protect", protect, a.T, at::kBool, logits);
+  check_optional_vector<I>(op, "bias", bias, a.E, at::kFloat, logits);
+  check_optional_vector<I>(op, "token_weights", token_weights, a.T, at::kFloat, logits);
+  check_optional_vector<I>(op, "protect", protect, a.T, at::kBool, logits);
   return a;
 }
 
@@ -71,16 +74,19 @@ struct RouteOutputs {
   at::Tensor weights, ids, kept_experts, expert_counts, expert_offsets, sorted_pairs;
 };
 
-inline RouteOutputs alloc_route_outputs(const at::Tensor& logits, const RouteArgs& a, bool group) {
+// weights / ids [T, K]; with `group` also kept_experts / expert_counts [Bk], expert_offsets [Bk + 1],
+// sorted_pairs [T * K]. On logits' device.
+template <typename I>
+RouteOutputs alloc_route_outputs(const at::Tensor& logits, const RouteArgsT<I>& a, bool group) {
   const auto i32 = logits.options().dtype(at::kInt);
   RouteOutputs o;
-  o.weights = at::empty({a.T, a.K}, logits.options().dtype(at::kFloat));
-  o.ids = at::empty({a.T, a.K}, i32);
+  o.weights = empty_sized<I>({a.T, I(a.K)}, logits.options().dtype(at::kFloat));
+  o.ids = empty_sized<I>({a.T, I(a.K)}, i32);
   if (group) {
-    o.kept_experts = at::empty({a.num_kept}, i32);
-    o.expert_counts = at::empty({a.num_kept}, i32);
-    o.expert_offsets = at::empty({a.num_kept + 1}, i32);
-    o.sorted_pairs = at::empty({a.T * a.K}, i32);
+    o.kept_experts = empty_sized<I>({a.num_kept}, i32);
+    o.expert_counts = empty_sized<I>({a.num_kept}, i32);
+    o.expert_offsets = empty_sized<I>({a.num_kept + 1}, i32);
+    o.sorted_pairs = empty_sized<I>({a.T * a.K}, i32);
   }
   return o;
 }

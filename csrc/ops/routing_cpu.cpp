@@ -1,5 +1,6 @@
 // CPU implementation of specmoe::route_topk / route_budget: straightforward float32 loops with the
-// exact semantics of csrc/kernels/routing.h (same tie rules, so expert ids match the CUDA kernel).
+// exact semantics of csrc/kernels/routing.h (same tie rules and the same value rules for NaN / Inf
+// logits, bias and token weights: routing::clean_*, so expert ids match the CUDA kernel).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,13 +17,13 @@ using routing::Policy;
 using routing::Scoring;
 
 struct RowProbs {
-  std::vector<float> x, P;  // cleaned logits, probabilities
+  std::vector<float> x, P;  // clean logits (routing::clean_logit), probabilities
 };
 
 void row_probs(const float* row, int64_t E, Scoring scoring, RowProbs& r) {
   r.x.resize(E);
   r.P.resize(E);
-  for (int64_t e = 0; e < E; ++e) r.x[e] = std::isnan(row[e]) ? -INFINITY : row[e];
+  for (int64_t e = 0; e < E; ++e) r.x[e] = routing::clean_logit(row[e]);
   if (scoring == Scoring::kSigmoid) {
     for (int64_t e = 0; e < E; ++e) r.P[e] = 1.f / (1.f + std::exp(-r.x[e]));
     return;
@@ -66,14 +67,14 @@ RouteOutputs route_cpu(const at::Tensor& logits_in, const RouteArgs& a, const st
   std::vector<int32_t> natural(T * K);
   std::vector<float> score(E, 0.f);
   auto make_key = [&](const RowProbs& r) {
-    for (int64_t e = 0; e < E; ++e) key[e] = b ? r.P[e] + b[e] : r.x[e];
+    for (int64_t e = 0; e < E; ++e) key[e] = b ? routing::clean_key(r.P[e] + b[e]) : r.x[e];
   };
   for (int64_t t = 0; t < T; ++t) {
     row_probs(L + t * E, E, a.scoring, rows[t]);
     make_key(rows[t]);
     topk(key, nullptr, K, natural.data() + t * K);
     if (budget) {
-      const float w = tw ? tw[t] : 1.f;
+      const float w = tw ? routing::clean_token_weight(tw[t]) : 1.f;
       for (int64_t e = 0; e < E; ++e) score[e] += w * rows[t].P[e];
     }
   }

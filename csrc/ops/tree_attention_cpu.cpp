@@ -1,5 +1,6 @@
 // CPU implementation of specmoe::tree_attention: dense masked attention in float32 (ATen), the same
-// visibility rule as the CUDA kernel (prefix slots + the tree slots the ancestor bitmask names).
+// visibility rule as the CUDA kernel (prefix slots + the tree slots the ancestor bitmask names). The
+// prefix lengths are host data here, so their values are checked too (check_prefix_lens).
 #include <torch/library.h>
 
 #include <limits>
@@ -12,7 +13,8 @@ namespace {
 at::Tensor tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                               const at::Tensor& prefix_lens, const at::Tensor& tree_mask, double scale,
                               int64_t /*kv_len_hint*/) {
-  const AttentionArgs a = check_attention_args(q, k_cache, v_cache, prefix_lens, tree_mask, false);
+  const AttentionArgs a = check_attention_args(q, k_cache, v_cache, prefix_lens, tree_mask, scale, false);
+  check_prefix_lens(a, prefix_lens);
   const auto opts = prefix_lens.options();
   // visible[b, t, s] = s < prefix_b, or s = prefix_b + j with bit j of tree_mask[b, t] (j < T)
   const at::Tensor cols = at::arange(a.S, opts);                                  // [S]

@@ -15,9 +15,7 @@ namespace {
 at::Tensor tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                const at::Tensor& prefix_lens, const at::Tensor& tree_mask, double scale,
                                int64_t kv_len_hint) {
-  const AttentionArgs a = check_attention_args(q, k_cache, v_cache, prefix_lens, tree_mask, true);
-  SPECMOE_CHECK(a.S < (int64_t(1) << 31) && a.bs * a.Hk <= 65535, "tree_attention: bs * Hk = ", a.bs * a.Hk,
-                " must be <= 65535 and S < 2^31");
+  const AttentionArgs a = check_attention_args(q, k_cache, v_cache, prefix_lens, tree_mask, scale, true);
   const c10::cuda::CUDAGuard guard(q.device());
   namespace ta = tree_attention;
   ta::TreeAttentionParams p;

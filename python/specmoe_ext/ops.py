@@ -1,7 +1,16 @@
-"""Typed wrappers for the specmoe::* ops, and their fake (meta) kernels for torch.compile / graphs.
+"""Typed wrappers for the specmoe::* ops.
 
-Shape legend: T tokens, E experts, K experts per token, B budget, Bk = min(B, E).
+Shape legend: T tokens, E experts, K experts per token, B budget, Bk = min(B, E); bs requests, T tree
+nodes, Hq/Hk heads, d head dim, S cache capacity, V vocab.
 The contracts here are the ones `reference.py` implements in plain PyTorch.
+
+Bad input raises a RuntimeError naming the argument before any kernel runs or memory is allocated, on
+every backend: the CPU and CUDA kernels and the Meta (fake) kernels share one copy of the checks
+(csrc/ops/<family>_common.h). The Meta kernels (csrc/ops/<family>_meta.cpp; no Python fakes) serve meta
+tensors, torch.compile / FakeTensor / opcheck (dynamic shapes included; a fake CUDA tensor gets the CUDA
+rules, e.g. no float32 activations) and calls that mix meta with other devices, which the dispatcher sends
+there and the device checks refuse. Values the devices cannot check without a host synchronization follow
+documented rules instead (each op says which), identical on CPU, CUDA and in the reference.
 """
 from __future__ import annotations
 
@@ -31,7 +40,11 @@ def route_topk(logits: Tensor, top_k: int, *, scoring: str = "softmax", bias: Te
     logits [T, E] (float32, bfloat16 or float16) -> (weights [T, K] float32, ids [T, K] int32).
     scoring: "softmax" over all E or elementwise "sigmoid". bias [E] float32, optional: added to the
     probabilities for *selection only* (DeepSeek-V3). renormalize: divide weights by their sum
-    (norm_topk_prob). Ids are best-first; ties go to the lower expert index. NaN logits count as -inf.
+    (norm_topk_prob). Ids are best-first; ties go to the lower expert index.
+    Non-finite values (rules of csrc/kernels/routing.h, the same on CPU, CUDA and in the reference):
+    NaN logits count as -inf (probability 0, chosen last); +Inf logits count as the largest finite
+    float, so a row's +Inf experts share its probability equally (one +Inf: that expert gets weight 1)
+    and rank first; a NaN bias entry makes that expert's selection key -inf (chosen last).
     """
     _require_kernels_for(logits)
     return _ops.route_topk(logits, top_k, scoring, bias, renormalize)
@@ -51,16 +64,36 @@ def route_budget(logits: Tensor, top_k: int, budget: int | None = None, *, scori
     renormalized when `renormalize`. With B >= E the result equals `route_topk` exactly.
     Outputs have fixed sizes (no host synchronization; CUDA-graph capturable): see `Routing`.
 
-    NaN logits count as -inf (probability 0, chosen last). check_finite=True raises instead, at the
-    cost of a host synchronization (not for graph capture).
+    Protection is guaranteed while the protected tokens' natural experts number at most Bk (e.g. one
+    protected token and B >= top_k). Beyond that the Bk best of them by score are kept (ties to the
+    lower index) and the protected tokens are routed like the others (substitute: re-picked among the
+    kept experts; truncate: their dropped slots become -1).
+    Non-finite values follow `route_topk`'s rules, and token weights count as max(w, 0) with NaN as 0
+    and +Inf as the largest finite float (a NaN or negative weight's token does not vote; scores are
+    never NaN). check_finite=True raises ValueError instead for NaN / Inf logits or bias and NaN / Inf /
+    negative token weights, at the cost of a host synchronization (not for graph capture).
     """
     if budget is None:
         budget = logits.shape[-1] if logits.dim() == 2 else top_k
-    if check_finite and logits.is_floating_point() and not bool(torch.isfinite(logits).all()):
-        raise ValueError("route_budget: logits contain NaN or Inf (check_finite=True)")
+    if check_finite:
+        _refuse_non_finite(logits, bias, token_weights)
     _require_kernels_for(logits)
     return Routing(*_ops.route_budget(logits, top_k, budget, scoring, bias, renormalize,
                                       token_weights, protect, policy))
+
+
+def _refuse_non_finite(logits: Tensor, bias: Tensor | None, token_weights: Tensor | None) -> None:
+    """route_budget(check_finite=True): the values the routing rules would clean raise instead (one host read)."""
+    bad_entries = [  # (message, bool tensor of the offending entries), for the inputs given
+        ("logits contain NaN or Inf", ~torch.isfinite(logits) if logits.is_floating_point() else None),
+        ("bias contains NaN or Inf", None if bias is None else ~torch.isfinite(bias)),
+        ("token_weights contain NaN, Inf or negative values",
+         None if token_weights is None else ~(torch.isfinite(token_weights) & (token_weights >= 0)))]
+    given = [(message, bad.any()) for message, bad in bad_entries if bad is not None]
+    flags = torch.stack([any_bad for _, any_bad in given]).tolist() if given else []
+    for (message, _), flag in zip(given, flags):
+        if flag:
+            raise ValueError(f"route_budget: {message} (check_finite=True)")
 
 
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing,
@@ -75,6 +108,14 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing,
     Only kept experts with at least one (token, slot) pair are read. h, f and fs must be multiples of
     64. The silu * up activation is rounded to x's dtype (as HF models do); accumulation is float32,
     in a fixed order (deterministic). No host synchronization on CUDA (graph capturable).
+
+    The grouping must be consistent (route_budget's always is): kept_experts distinct ids in [0, E),
+    expert_counts >= 0, expert_offsets their exclusive scan (<= T * K), each kept expert's sorted_pairs
+    segment strictly ascending pair ids t * K + k in [0, T * K), no pair in two segments, and every pair
+    with a nonzero weight in one (the CUDA kernels read exactly those). The CPU op checks all of it and
+    raises naming the entry. The CUDA op trusts it (checking costs a host read) unless the environment
+    sets SPECMOE_CHECK_ROUTING=1: then it copies the routing to the host and runs the same check first
+    (a synchronization; refused during CUDA graph capture). Inconsistent groupings give undefined output.
     """
     _require_kernels_for(x)
     sw13, sw2, sw = shared if shared is not None else (None, None, None)
@@ -91,46 +132,18 @@ def tree_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, prefix_lens: Ten
     prefix_lens[b] + i), prefix_lens [bs] int64, tree_mask [bs, T, ceil(T/32)] int32 ancestor bitmask
     (bit j of row t: query t sees slot prefix + j) -> out [bs, T, Hq, d] contiguous, in q's dtype:
         out[b, t, h] = softmax(scale * q . k) v over slots j < prefix_b and prefix_b + i with bit i set.
-    GQA: query head h reads KV head h // (Hq // Hk). scale defaults to d ** -0.5. Slots at or past
-    min(prefix_b + T, S) are never read. kv_len_hint (the longest prefix + T expected; 0 = S) only
-    steers how the CUDA kernel splits the sequence. T = 1 with tree_mask = 1 is plain decode. No host
-    synchronization on CUDA (graph capturable); deterministic.
+    GQA: query head h reads KV head h // (Hq // Hk). scale (finite) defaults to d ** -0.5. kv_len_hint
+    (the longest prefix + T expected; 0 = S) only steers how the CUDA kernel splits the sequence. T = 1
+    with tree_mask = 1 is plain decode. No host synchronization on CUDA (graph capturable); deterministic.
+    prefix_lens must lie in [0, S - T] (the tree's slots inside the cache row): the CPU op raises
+    otherwise; the CUDA op cannot read the values without a sync and never reads a slot outside
+    [0, min(prefix_b + T, S)) instead.
     """
     _require_kernels_for(q)
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        d = q.shape[-1] if q.dim() else 0
+        scale = d ** -0.5 if d > 0 else 1.0  # d = 0: the op refuses q, naming it
     return _ops.tree_attention(q, k_cache, v_cache, prefix_lens, tree_mask, float(scale), int(kv_len_hint))
-
-
-# ---- fake kernels: output metadata only, for torch.compile, meta tensors and graph capture --------
-
-@torch.library.register_fake("specmoe::route_topk")
-def _route_topk_fake(logits, top_k, scoring="softmax", bias=None, renormalize=True):
-    T = logits.shape[0]
-    return (logits.new_empty((T, top_k), dtype=torch.float32),
-            logits.new_empty((T, top_k), dtype=torch.int32))
-
-
-@torch.library.register_fake("specmoe::route_budget")
-def _route_budget_fake(logits, top_k, budget, scoring="softmax", bias=None, renormalize=True,
-                       token_weights=None, protect=None, policy="substitute"):
-    T, E = logits.shape
-    bk = min(budget, E)
-    i32 = dict(dtype=torch.int32)
-    return (logits.new_empty((T, top_k), dtype=torch.float32), logits.new_empty((T, top_k), **i32),
-            logits.new_empty((bk,), **i32), logits.new_empty((bk,), **i32),
-            logits.new_empty((bk + 1,), **i32), logits.new_empty((T * top_k,), **i32))
-
-
-@torch.library.register_fake("specmoe::fused_moe")
-def _fused_moe_fake(x, w13, w2, weights, kept_experts, expert_counts, expert_offsets, sorted_pairs,
-                    shared_w13=None, shared_w2=None, shared_weight=None):
-    return x.new_empty(x.shape)
-
-
-@torch.library.register_fake("specmoe::tree_attention")
-def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, tree_mask, scale, kv_len_hint=0):
-    return q.new_empty(q.shape)
 
 
 __all__ = ["route_topk", "route_budget", "fused_moe", "tree_attention", "Routing", "SCORINGS", "POLICIES"]
@@ -168,23 +181,15 @@ def kv_compact(cache: "list[Tensor]", lengths: Tensor, path: Tensor, n_accepted:
     dtype and device; contiguous), lengths [bs] int64 committed lengths before the step (becomes
     lengths + n_accepted + 1), path [bs, P] / n_accepted [bs] int64 as returned by `tree_accept`.
     Slot lengths[b] + path[b, j] moves to lengths[b] + j for j = 1..n (same as spec.kv.kv_compact).
-    CPU: malformed paths / capacity overflow raise before any write. CUDA (no host sync, graph
-    capturable): such moves are skipped instead, never written out of bounds.
+    No two cache tensors (nor lengths) may share memory: the same tensor twice raises on every backend.
+    CPU: malformed paths (n outside [0, P-1], path[b, 0] != 0, path[b, j] < j, a node that moves appearing
+    twice; path[b, j] == j is a slot already in place) and capacity overflow raise before any write.
+    CUDA (no host sync, graph capturable): out-of-range moves are skipped instead, never written out of
+    bounds; repeated nodes are plain copies (every source is read before it is overwritten).
     """
     if cache:
         _require_kernels_for(cache[0])
     _ops.kv_compact(list(cache), lengths, path, n_accepted)
-
-
-@torch.library.register_fake("specmoe::tree_accept")
-def _tree_accept_fake(logits, tokens, parent, valid, temperature, top_p, top_k, seed, offset):
-    bs, T = tokens.shape
-    return (tokens.new_empty((bs, T)), tokens.new_empty((bs,)), tokens.new_empty((bs,)))
-
-
-@torch.library.register_fake("specmoe::kv_compact")
-def _kv_compact_fake(cache, lengths, path, n_accepted):
-    return None
 
 
 def philox_uniform(seed: Tensor, offset: Tensor, n: int, stream: int) -> Tensor:
@@ -194,11 +199,6 @@ def philox_uniform(seed: Tensor, offset: Tensor, n: int, stream: int) -> Tensor:
     purpose (stream 0 is tree_accept's node draws). Identical on CPU and CUDA; no host synchronization."""
     _require_kernels_for(seed)
     return _ops.philox_uniform(seed, offset, int(n), int(stream))
-
-
-@torch.library.register_fake("specmoe::philox_uniform")
-def _philox_uniform_fake(seed, offset, n, stream):
-    return seed.new_empty((seed.shape[0], n), dtype=torch.float32)
 
 
 __all__ += ["tree_accept", "kv_compact", "philox_uniform"]

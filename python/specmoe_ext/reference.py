@@ -19,11 +19,20 @@ def _stable_desc_order(key: Tensor) -> Tensor:
     return torch.sort(key, dim=-1, descending=True, stable=True).indices
 
 
-def router_probs(logits: Tensor, scoring: str) -> Tensor:
-    """[T, E] logits -> [T, E] float32 probabilities. NaN logits count as -inf (probability 0);
-    a softmax row with no finite logit gets all-zero probabilities."""
+_FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+def clean_logits(logits: Tensor) -> Tensor:
+    """[T, E] -> float32: NaN counts as -inf, +inf as the largest finite float (routing.h clean_logit)."""
     x = logits.float()
-    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x).clamp(max=_FLOAT_MAX)
+
+
+def router_probs(logits: Tensor, scoring: str) -> Tensor:
+    """[T, E] logits -> [T, E] float32 probabilities of the clean logits: NaN counts as -inf (probability
+    0), +inf as the largest finite float (a softmax row's +inf experts share probability 1); a softmax
+    row with no finite logit gets all-zero probabilities."""
+    x = clean_logits(logits)
     if scoring == "sigmoid":
         return torch.sigmoid(x)
     m = x.amax(dim=-1, keepdim=True)
@@ -34,13 +43,14 @@ def router_probs(logits: Tensor, scoring: str) -> Tensor:
 
 
 def selection_key(logits: Tensor, probs: Tensor, bias: Tensor | None) -> Tensor:
-    """What top-K ranks: the logits themselves (same order as the probabilities, and exact across
+    """What top-K ranks: the clean logits (same order as the probabilities, and exact across
     implementations) unless a bias is given, then probability + bias (DeepSeek-V3 style: the bias
-    steers selection only, the weights come from the unbiased probabilities)."""
+    steers selection only, the weights come from the unbiased probabilities); a NaN key (NaN bias)
+    counts as -inf (routing.h clean_key)."""
     if bias is None:
-        x = logits.float()
-        return torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
-    return probs + bias.float()
+        return clean_logits(logits)
+    key = probs + bias.float()
+    return torch.where(torch.isnan(key), torch.full_like(key, float("-inf")), key)
 
 
 def _weights_for(probs: Tensor, ids: Tensor, renormalize: bool) -> Tensor:
@@ -62,11 +72,18 @@ def route_topk(logits: Tensor, top_k: int, scoring: str = "softmax", bias: Tenso
     return _weights_for(probs, ids, renormalize), ids.int()
 
 
+def clean_token_weights(token_weights: Tensor) -> Tensor:
+    """[T] -> float32 max(w, 0), NaN counting as 0 and +inf as the largest finite float (routing.h
+    clean_token_weight): a token with a NaN or negative weight does not vote."""
+    w = token_weights.float()
+    return torch.where(w > 0, w, torch.zeros_like(w)).clamp(max=_FLOAT_MAX)
+
+
 def expert_scores(probs: Tensor, token_weights: Tensor | None) -> Tensor:
-    """MoE-Spec expert scores s[e] = sum_t w_t * P[t, e] (float32 [E])."""
+    """MoE-Spec expert scores s[e] = sum_t w_t * P[t, e] (float32 [E]), w = the clean token weights."""
     if token_weights is None:
         return probs.sum(dim=0)
-    return (token_weights.float()[:, None] * probs).sum(dim=0)
+    return (clean_token_weights(token_weights)[:, None] * probs).sum(dim=0)
 
 
 def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softmax",
@@ -84,7 +101,8 @@ def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softma
     key = selection_key(logits, probs, bias)
     natural = _stable_desc_order(key)[:, :K]
 
-    # Kept experts: protected first, then by score, ties to the lower index.
+    # Kept experts: protected first, then by score, ties to the lower index (protected experts beyond
+    # the budget: the Bk best-scoring of them).
     protected = torch.zeros(E, dtype=torch.bool)
     if protect is not None and bool(protect.any()):
         protected[natural[protect.bool()].reshape(-1)] = True
@@ -119,25 +137,32 @@ def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softma
     return Routing(weights, i32(ids), i32(kept), i32(counts), i32(offsets), i32(sorted_pairs))
 
 
+def _expert_ffn(x: Tensor, w13: Tensor, w2: Tensor, act_dtype: torch.dtype) -> Tensor:
+    """x [n, h] float32, w13 [2f, h], w2 [h, f] -> [n, h] float32 = W2 (silu(W1 x) * W3 x), the activation
+    rounded to act_dtype as the op stores it."""
+    f = w2.shape[-1]
+    gu = x @ w13.float().t()
+    act = (torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]).to(act_dtype).float()
+    return act @ w2.float().t()
+
+
 def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, routing: Routing,
               shared: "tuple[Tensor, Tensor, Tensor] | None" = None) -> Tensor:
     """y[t] = sum_k w[t, k] * W2[e] (silu(W1[e] x[t]) * W3[e] x[t]) (+ ws[t] * the shared expert's FFN
     of x[t], shared = (w13s [2fs, h], w2s [h, fs], ws [T])) in float32, computed on x's device from the
-    routing's ids/weights directly (independent of its grouping); returns float32 [T, h] on CPU."""
+    routing's ids/weights directly (independent of its grouping); returns float32 [T, h] on CPU.
+    As in the op's contract, the silu * up activation is rounded to x's dtype (a no-op for float32), so
+    the op differs from this only by its final rounding to x's dtype and float32 summation order."""
+    act_dtype = x.dtype
     x = x.float()
     ids, weights = routing.ids.long().to(x.device), routing.weights.float().to(x.device)
-    f = w2.shape[-1]
     y = torch.zeros_like(x)
     for e in ids[ids >= 0].unique().tolist():  # upcast only the experts used (large shapes on GPU)
         t, k = torch.nonzero(ids == e, as_tuple=True)
-        gu = x[t] @ w13[e].float().t()
-        out = (torch.nn.functional.silu(gu[:, :f]) * gu[:, f:]) @ w2[e].float().t()
-        y.index_add_(0, t, weights[t, k, None] * out)
+        y.index_add_(0, t, weights[t, k, None] * _expert_ffn(x[t], w13[e], w2[e], act_dtype))
     if shared is not None:
         w13s, w2s, ws = shared
-        fs = w2s.shape[-1]
-        gu = x @ w13s.float().t()
-        y += ws.float().to(x.device)[:, None] * ((torch.nn.functional.silu(gu[:, :fs]) * gu[:, fs:]) @ w2s.float().t())
+        y += ws.float().to(x.device)[:, None] * _expert_ffn(x, w13s, w2s, act_dtype)
     return y.cpu()
 
 

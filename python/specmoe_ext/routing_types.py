@@ -19,6 +19,10 @@ class Routing(NamedTuple):
     expert_offsets [Bk + 1] int32    exclusive prefix sum of expert_counts; [Bk] = valid pairs
     sorted_pairs   [T * K]  int32    flat pair indices t*K + k grouped by kept expert (ascending
                                      flat index within an expert); -1 after expert_offsets[Bk]
+
+    `fused_moe` relies on this grouping being consistent (distinct kept experts, counts >= 0 scanned into
+    the offsets, each pair in at most one expert's segment, every pair with a nonzero weight in one): the
+    CPU op checks it, the CUDA op with SPECMOE_CHECK_ROUTING=1 (see `ops.fused_moe`).
     """
 
     weights: Tensor
