@@ -6,11 +6,20 @@ Environment: TORCH_CUDA_ARCH_LIST (default 9.0a), MAX_JOBS, SPECMOE_FORCE_CPU=1 
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
-import torch
-from torch.utils import cpp_extension
+try:
+    import torch
+    from torch.utils import cpp_extension
+except ImportError as e:  # pip's default isolated build environment has no torch
+    sys.exit(f"specmoe-ext: building needs torch importable in the build environment, and it is not ({e}).\n"
+             "pip builds in an isolated environment unless told otherwise: install torch first, then build "
+             "against it:\n"
+             "    pip install torch==2.13.0 ninja   # or the torch you want (CPU build: add "
+             "--index-url https://download.pytorch.org/whl/cpu)\n"
+             "    pip install --no-build-isolation -e .")
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -49,10 +49,12 @@ def test_plan_table_and_plot(capsys, tmp_path):
         assert not png.exists() and "matplotlib is not installed" in text
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("argv,msg", [
     (["--max-bs", "3"], "must be a power of two"),
     (["--n-toks", "1,x"], "--n-toks '1,x': expected a comma list of integers"),
-    (["--budgets", "none,1"], r"budget 1 outside \[top_k 2, E 8\]"),
+    (["--budgets", "none,1"], r"--budgets 1: expert budget 1 < top_k 2"),
+    (["--budgets", "none,9"], r"--budgets 9: expert budget 9 exceeds the 8 experts per MoE layer"),
     (["--repeats", "0"], "--repeats must be >= 1"),
     (["--preset", "nosuch"], "nosuch"),
 ])
@@ -65,3 +67,39 @@ def test_plan_help():
     text = build_parser()[1]["plan"].format_help()
     for flag in ("--model", "--preset", "--device", "--out", "--plot", "--max-bs", "--budgets", "--ridge-point"):
         assert flag in text, flag
+
+
+def test_spread_leaves_out_one_stray_run():
+    from specmoe_ext.speculative.plan import median, spread
+    assert spread([1.0]) == 0.0 and median([1.0, 2.0, 3.0]) == 2.0
+    assert spread([1.0, 1.0, 1.5]) == pytest.approx(0.5)                  # < 5 runs: (max - min) / median
+    assert spread([0.5, 1.0, 1.0, 1.1, 9.0]) == pytest.approx(0.1)        # 5+ runs: the extremes left out
+
+
+def _runs_noisy_at(points):
+    """A stand-in for plan._time_runs: the runs of the points numbered in `points` are 2x apart."""
+    count = iter(range(1000))
+    return lambda fn, dev, warmup, repeats: [1e-3] * (repeats - 1) + [2e-3 if next(count) in points else 1e-3]
+
+
+def test_plan_warns_when_repeated_runs_disagree(capsys, tmp_path, monkeypatch):
+    from specmoe_ext.speculative import plan as planlib
+    monkeypatch.setattr(planlib, "_time_runs", _runs_noisy_at(range(7)))
+    assert main([*SMALL, "--repeats", "3", "--out", str(tmp_path / "p.json"), "--json"]) == 0
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)
+    assert len(doc["noisy_points"]) == 7 and doc["noisy_points"][0] == "target bs=1 n=1: 100%"
+    assert "specmoe plan: warning: the repeated runs of 7 of 7 points disagree by more than 30%" in cap.err
+    assert "target bs=1 n=1: 100%; " in cap.err and "--threads 1" in cap.err
+    monkeypatch.setattr(planlib, "_time_runs", _runs_noisy_at({5}))     # one stray point: reported, no warning
+    assert main([*SMALL, "--repeats", "3", "--out", str(tmp_path / "p.json"), "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["noisy_points"] == ["reject bs=1 n=1: 100%"] and "warning" not in cap.err
+
+
+def test_plan_is_quiet_when_runs_agree(capsys, tmp_path, monkeypatch):
+    from specmoe_ext.speculative import plan as planlib
+    monkeypatch.setattr(planlib, "_time_runs", lambda fn, dev, warmup, repeats: [1e-3] * repeats)
+    assert main([*SMALL, "--repeats", "3", "--out", str(tmp_path / "p.json")]) == 0
+    cap = capsys.readouterr()
+    assert "warning" not in cap.err and "1 thread(s)" in cap.out

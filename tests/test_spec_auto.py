@@ -69,6 +69,7 @@ def test_auto_warm_start_from_profile(capsys, tmp_path):
     assert "k=4" in c["pruned"]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("text", ["k=2;bud=3", "budget=4", "k=a,2", "k=-1", "k=1;budget=0", "k=1,1", "k=1;k=2",
                                   "k=1;budget=4,x"])
 def test_bad_candidate_syntax_is_a_clear_error(text):
@@ -85,6 +86,7 @@ def test_parse_candidates():
     assert parse_candidates("k=3") == [Setting(0), Setting(3)]
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("argv,msg", [
     (["--draft", "model", "--spec", "auto", "--tree", "chain:2"], "--tree is chosen by --spec auto"),
     (["--draft", "model", "--spec", "auto", "--budget", "4"], "give budgets as candidates"),
@@ -99,12 +101,13 @@ def test_auto_flag_errors(argv, msg):
         main(["generate", "--no-progress", "--device", "cpu", "--max-new-tokens", "4", *argv])
 
 
+@pytest.mark.bad_input(2)
 def test_engine_checks_controller_candidates():
     from specmoe_ext.models.presets import build_preset
     m = build_preset("tiny", "cpu", torch.float32)
     ids = [[1, 2, 3]]
     eng = SpecEngine(m, make_drafter("ngram", m), "static:2,2")
-    with pytest.raises(ValueError, match="must be a chain"):
+    with pytest.raises(ValueError, match=r"a static tree \(static:2,2\) is on \(k=6\) or off"):
         eng.generate(ids, 4, controller=CascadeController(make_candidates((0, 2))))
     eng = SpecEngine(m, make_drafter("ngram", m), "chain:2")
     with pytest.raises(ValueError, match="exceeds the engine's chain length 2"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from specmoe_ext.cli import build_parser, main
+from specmoe_ext.models.presets import PRESETS
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -65,6 +66,7 @@ def test_human_output_mentions_acceptance_and_experts(capsys):
     assert "speculative steps" in err and "tokens/step" in err and "touched -> loaded" in err
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("argv,msg", [
     (["--draft", "model", "--tree", "chain:0"], "chain length must be >= 1"),
     (["--draft", "model", "--tree", "bush:3"], "unknown kind 'bush'"),
@@ -73,7 +75,7 @@ def test_human_output_mentions_acceptance_and_experts(capsys):
     (["--draft", "model", "--budget", "4,4"], "2 entries, the model has 4 layers"),
     (["--draft", "medusa"], "unknown drafter 'medusa'"),
     (["--draft", "eagle:/nonexistent/head"], "does not exist"),
-    (["--draft", "model", "--model", "python/specmoe_ext/assets/tiny/target"], "no bundled draft model"),
+    (["--draft", "model", "--model", str(PRESETS["tiny"].path)], "no bundled draft model"),
     (["--budget", "4"], "--budget apply to speculative decoding: add --draft"),
     (["--tree", "chain:2"], "--tree apply to speculative decoding"),
     (["--draft", "self", "--preset", "tiny", "--tree", "dynamic:topk=2,depth=2,tokens=4", "--accept", "q"],
@@ -110,3 +112,14 @@ def test_demo_runs_every_mode_and_gives_a_verdict(capsys):
     text = capsys.readouterr().out
     assert "autoregressive" in text and "speculative + budget B=2" in text and "touched" in text
     assert "speculation pays here" in text or "speculation does NOT pay here" in text
+
+
+def test_every_drafter_kind_runs_from_the_cli(capsys, tmp_path):
+    """Each --draft form is built twice: on the shape-only (meta) target for the checks, then for real."""
+    from specmoe_ext.models.presets import build_preset
+    from specmoe_ext.speculative import save_random_eagle3
+    head = save_random_eagle3(tmp_path / "eagle3", build_preset("tiny"), draft_vocab_size=512, layer_ids=(0, 1, 2))
+    ar = _json(capsys, *BASE)
+    for draft in ("model", f"model:{PRESETS['tiny'].draft_path}", "self", "ngram:3", f"eagle:{head}"):
+        sp = _json(capsys, *BASE, "--draft", draft)
+        assert [o["tokens"] for o in sp["outputs"]] == [o["tokens"] for o in ar["outputs"]], draft

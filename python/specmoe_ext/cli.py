@@ -1,19 +1,22 @@
-"""The `specmoe` command.
+"""The `specmoe` command (also `python -m specmoe_ext`).
 
-Shape legend: bs prompts in one batch (one per --prompt), N generated tokens per prompt (<= --max-new-tokens).
+Shape legend: bs prompts in one batch (one per --prompt), P tokens of the longest prompt, N generated tokens
+per prompt (<= --max-new-tokens), S KV-cache slots per request.
 
     specmoe generate [--model DIR | --preset NAME] [--prompt TEXT ...] [--max-new-tokens N]
                      [--temperature T] [--top-p P] [--top-k K] [--seed S] [--dtype D] [--device DEV]
+                     [--threads N] [--check-weights] [--allow-long-context]
                      [--no-cuda-graph] [--json] [--no-progress]
                      [--draft model|model:DIR|self[:N]|ngram[:N]|eagle:DIR] [--tree SPEC] [--accept RULE]
                      [--budget B[,B...]] [--budget-policy substitute|truncate] [--budget-weights uniform|path]
                      [--no-protect-root] [--spec fixed|auto] [--spec-candidates 'k=0,1,2,4;budget=none,32']
                      [--spec-test-steps N] [--profile profile.json] [--profile-alpha A]
-    specmoe plan     [--model DIR | --preset NAME] [--draft-model DIR] [--device DEV] [--dtype D] [--max-bs N]
-                     [--n-toks 1,4,8] [--budgets none,B,...] [--ctx N] [--repeats R] [--ridge-point RP]
-                     [--out profile.json] [--plot plan.png] [--json]
+    specmoe plan     [--model DIR | --preset NAME] [--draft-model DIR] [--device DEV] [--dtype D] [--threads N]
+                     [--max-bs N] [--n-toks 1,4,8] [--budgets none,B,...] [--ctx N] [--repeats R]
+                     [--ridge-point RP] [--out profile.json] [--plot plan.png] [--json]
     specmoe demo     autoregressive vs speculative vs speculative + expert budget on the embedded `tiny` pair
     specmoe models   list the presets and the supported checkpoint architectures
+    specmoe --version
 
 With no --model/--preset, `generate` runs the embedded `tiny` MoE model (CPU is fine). Several --prompt
 flags make one batch. Random-weight presets have no tokenizer: their prompt is encoded with the tiny
@@ -27,6 +30,14 @@ expert budget from --spec-candidates, by measured step throughput; --json report
 the per-candidate utilities. `specmoe plan` measures ~20 points of the MoESD performance model
 (speculative/perf_model.py) on the real model, fits it, and saves the profile that `--profile` warm-starts from.
 
+Bad input is a one-line `specmoe <cmd>: ...` error naming the flag, key or file, raised before the model is
+loaded: every run first reads the config and tokenizer only, builds its engines on a shape-only ("meta")
+copy of the target (that checks --tree / --draft / --budget / --spec-candidates / --profile with the
+library's own checks), checks the positions (prompt + --max-new-tokens <= max_position_embeddings, unless
+--allow-long-context), the cache capacity (sliding-window limits) and the memory the run allocates (weights +
+KV caches vs free GPU memory or the host's MemAvailable), and only then loads. CPU threads: --threads N, else
+OMP_NUM_THREADS when set, else 1 for models under 100M parameters (loader.default_cpu_threads).
+
 Structure: each subcommand is an (add_arguments, run) pair in COMMANDS; later features add flags to a
 subparser through `build_parser()` (e.g. --draft/--tree/--budget on generate) or add subcommands.
 """
@@ -34,30 +45,80 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .models import ModelArgs, Tokenizer
 
 EXIT_USAGE = 2
+DEFAULT_PROMPT = "Return a new"
+DEFAULT_CANDIDATES = "k=0,1,2,4"
+DEFAULT_TREE = "chain:4"
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
 
 
-def _add_generate_args(p: argparse.ArgumentParser) -> None:
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default (unless None / False, or the help already says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "(default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _fail(cmd: str, why: Any) -> NoReturn:
+    raise SystemExit(f"specmoe {cmd}: {why}")
+
+
+# ---- flags ----------------------------------------------------------------------------------------------
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint folder")
     src.add_argument("--preset", metavar="NAME", help="named model (see `specmoe models`; default: tiny)")
-    p.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="prompt text; repeat for a batch (default: 'Return a new')")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help=seed_help)
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: OMP_NUM_THREADS if set, else 1 for models under 100M "
+                        "parameters, whose steps are too small to split, else torch's default, the machine's cores)")
+    p.add_argument("--check-weights", action="store_true",
+                   help="refuse a checkpoint with NaN or Inf weights (one more pass over the target's tensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
+
+
+def _add_length_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help=f"prompt text; repeat for a batch (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate per prompt")
+    p.add_argument("--allow-long-context", action="store_true",
+                   help="run past the model's max_position_embeddings (prompt + --max-new-tokens) with a "
+                        "warning instead of refusing")
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    _add_source_args(p)
+    _add_length_args(p)
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy; finite, >= 0")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus probability mass in (0, 1]; 1 = off")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K most likely tokens; 0 = off")
+    _add_runtime_args(p, seed_help="one Philox stream per request: the same seed, prompts, batch and flags give the "
+                                   "same tokens on every run (on the CPU, eagerly on the GPU and in CUDA graphs, in "
+                                   "float32); sampled --spec auto runs are not repeatable")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step and the speculative verify step eagerly on CUDA")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
-    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     _add_spec_args(p, draft_default=None)
 
@@ -67,183 +128,368 @@ def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget
     g.add_argument("--draft", metavar="SPEC", default=draft_default,
                    help="drafter: 'model' = the preset's bundled draft model (tiny has one); 'model:DIR' = a "
                         "checkpoint folder sharing the target's vocabulary; 'self' or 'self:N' = the target itself "
-                        "with N resident experts per MoE layer (default E/2; SpecMoE); 'ngram' or 'ngram:N' = "
+                        "with N resident experts per MoE layer (E/2 without N; SpecMoE); 'ngram' or 'ngram:N' = "
                         "prompt lookup of the longest recent suffix (up to N=4 tokens); 'eagle:DIR' = an EAGLE-3 "
-                        "head folder (published layout)" + (f" (default: {draft_default})" if draft_default else ""))
-    g.add_argument("--tree", metavar="SPEC", default="chain:4",
+                        "head folder (published layout)")
+    g.add_argument("--tree", metavar="SPEC", default=DEFAULT_TREE,
                    help="draft tree: 'chain:G' (G tokens in a line), 'static:b1,b2,...' (b_d children per node at "
                         "depth d), 'dynamic:topk=K,depth=D,tokens=M' (EAGLE-2: expand the K best nodes per level, "
-                        "keep the M best overall) (default: chain:4)")
+                        "keep the M best overall)")
     g.add_argument("--accept", default="auto", choices=["auto", "target", "q"],
                    help="acceptance at temperature > 0: 'target' (exact for any tree), 'q' (q-aware, for sampled "
-                        "chain/static drafts), auto = q for chain/static, target for dynamic (default); "
+                        "chain/static drafts), auto = q for chain/static, target for dynamic; "
                         "temperature 0 is always greedy")
     g.add_argument("--budget", metavar="B", default=budget_default,
                    help="MoE-Spec expert budget in the verifier: at most B experts per MoE layer for the whole "
-                        "batch of draft trees (one number, or one per layer: 32,32,16,16; 'none' = no budget for a "
-                        "layer); "
-                        "lossy" + (f" (default: {budget_default})" if budget_default else "; off by default"))
+                        "batch of draft trees, top_k <= B <= E (a B above the layer's E experts is refused: it "
+                        "would be no budget); one number, or one per layer: 32,32,16,16; 'none' = no budget for a "
+                        "layer; lossy" + ("" if budget_default else "; off by default"))
     g.add_argument("--budget-policy", default="substitute", choices=["substitute", "truncate"],
-                   help="tokens whose experts were cut: re-pick top-K among the kept experts (substitute, "
-                        "default) or drop those slots (truncate)")
+                   help="tokens whose experts were cut: re-pick top-K among the kept experts (substitute) or drop "
+                        "those slots (truncate)")
     g.add_argument("--budget-weights", default="uniform", choices=["uniform", "path"],
-                   help="token weights of the expert scores: uniform (default) or the draft path probability")
+                   help="token weights of the expert scores: uniform or the draft path probability")
     g.add_argument("--no-protect-root", action="store_true",
                    help="let the budget cut the committed root token's own experts (protected by default)")
     if draft_default is None:           # generate only
         g.add_argument("--spec", default="fixed", choices=["fixed", "auto"],
-                       help="fixed: every step uses --tree/--budget (default); auto: a Cascade controller picks "
+                       help="fixed: every step uses --tree/--budget; auto: a Cascade controller picks "
                             "each step's chain length K (0 = plain autoregressive step) and expert budget from "
                             "--spec-candidates by measured throughput (--budget-policy/--budget-weights apply)")
         g.add_argument("--spec-candidates", metavar="SPEC", default=DEFAULT_CANDIDATES,
                        help="--spec auto candidates: 'k=K1,K2,...[;budget=B1,...]' ('none' = no budget; k=0 "
-                            f"always included) (default: {DEFAULT_CANDIDATES})")
+                            "always included)")
         g.add_argument("--spec-test-steps", type=int, default=4, metavar="N",
-                       help="--spec auto: steps each candidate runs per test phase (default 4)")
+                       help="--spec auto: steps each candidate runs per test phase")
         g.add_argument("--profile", metavar="FILE",
                        help="--spec auto: a `specmoe plan` profile JSON: candidates predicted below 0.9x "
                             "autoregressive are pruned, the rest tested best-first")
         g.add_argument("--profile-alpha", type=float, default=0.7, metavar="A",
-                       help="--profile: per-token acceptance rate assumed by the warm start (default 0.7)")
+                       help="--profile: per-token acceptance rate assumed by the warm start")
 
 
-DEFAULT_CANDIDATES = "k=0,1,2,4"
+# ---- before anything is loaded: what the flags name, and whether the run fits -------------------------------
+
+@dataclass
+class _Source:
+    """The model --model / --preset names, read without loading it: config, tokenizer, folders."""
+
+    name: str
+    args: "ModelArgs"
+    tok: "Tokenizer"
+    has_text: bool                  # False: a random-weight preset (token ids only)
+    path: Path | None               # checkpoint folder (None: random weights)
+    draft_dir: Path | None          # the bundled draft model, if any
 
 
-DEFAULT_PROMPT = "Return a new"
-
-
-def _resolve_device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"specmoe: --device {name} requested but CUDA is not available")
-    return name
-
-
-def _load_target(a: argparse.Namespace, device: str, dtype, cmd: str):
-    """-> (name, target, tokenizer, has_text, target_dir, bundled_draft_dir)."""
+def _source(a: argparse.Namespace, cmd: str) -> _Source:
     from .models import load_tokenizer
-    from .models.loader import CheckpointError, load_model
-    from .models.presets import DEFAULT_PRESET, TINY_DIR, build_preset, get_preset
+    from .models.loader import load_args
+    from .models.presets import DEFAULT_PRESET, TINY_DIR, get_preset
     try:
         if getattr(a, "model", None):
-            return a.model, load_model(a.model, device, dtype), load_tokenizer(a.model), True, a.model, None
+            return _Source(a.model, load_args(a.model), load_tokenizer(a.model), True, Path(a.model), None)
         name = getattr(a, "preset", None) or DEFAULT_PRESET
-        preset = get_preset(name)
-        tok = load_tokenizer(preset.path if not preset.random else TINY_DIR / "target")
-        model = build_preset(name, device, dtype, seed=a.seed)
-        return name, model, tok, not preset.random, preset.path, preset.draft_path
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"specmoe {cmd}: {e}")
+        p = get_preset(name)
+        tok = load_tokenizer(TINY_DIR / "target" if p.random else p.path)
+        return _Source(name, p.args(), tok, not p.random, p.path, p.draft_path)
+    except ValueError as e:                           # CheckpointError, UnsupportedModelError, unknown preset
+        _fail(cmd, e)
 
 
-def _spec_engine(a: argparse.Namespace, target, target_dir, draft_dir, dtype, cmd: str, budget: str | None = None):
-    """The SpecEngine the --draft/--tree/--budget flags describe; every flag is checked before loading."""
-    from .models.loader import CheckpointError
-    from .speculative import BudgetConfig, SpecEngine, TreeSpec, make_drafter
+def _device_dtype(a: argparse.Namespace, cmd: str):
+    """--device, --dtype, --threads -> (torch.device, torch.dtype), checked."""
+    from .models.loader import CheckpointError, resolve_device, resolve_dtype
+    if a.threads is not None and a.threads < 1:
+        _fail(cmd, f"--threads {a.threads}: must be >= 1")
     try:
-        spec = TreeSpec.parse(a.tree)
-        bcfg = None
-        if budget:
-            bcfg = BudgetConfig.parse(budget, policy=a.budget_policy, weights=a.budget_weights,
-                                      protect_root=not a.no_protect_root)
-            bcfg.validate(target.args)
-        drafter = make_drafter(a.draft, target, default_draft_dir=draft_dir, target_dir=target_dir, dtype=dtype)
+        device = resolve_device(a.device)
+        if device.type == "meta":
+            raise CheckpointError(f"unknown device {a.device!r}: expected auto, cpu, cuda or cuda:N")
+        return device, resolve_dtype(a.dtype, device)
+    except CheckpointError as e:
+        _fail(cmd, f"--device: {e}")
+
+
+def _encode_prompts(a: argparse.Namespace, src: _Source, cmd: str) -> tuple[list[str], list[list[int]]]:
+    from .models import check_prompts
+    if a.max_new_tokens < 1:
+        _fail(cmd, "--max-new-tokens must be >= 1")
+    prompts = a.prompt or [DEFAULT_PROMPT]
+    ids = [src.tok.encode(p) for p in prompts]
+    if any(len(i) == 0 for i in ids):
+        _fail(cmd, "a prompt encodes to zero tokens")
+    try:
+        check_prompts(ids, src.args.vocab_size, a.max_new_tokens)
+    except ValueError as e:
+        _fail(cmd, f"{e} (the tokenizer does not match the model's vocab_size {src.args.vocab_size})")
+    _check_positions(a, src, max(map(len, ids)), cmd)
+    return prompts, ids
+
+
+def _check_positions(a: argparse.Namespace, src: _Source, P: int, cmd: str) -> None:
+    """prompt + --max-new-tokens beyond max_position_embeddings: refused, or a warning with --allow-long-context."""
+    from .models.config import ContextLengthError
+    try:
+        src.args.check_positions(P + a.max_new_tokens)
+    except ContextLengthError as e:
+        why = f"the longest prompt ({P} tokens) + --max-new-tokens {a.max_new_tokens}: {e} of {src.name}"
+        if not a.allow_long_context:
+            _fail(cmd, f"{why}; lower --max-new-tokens, or pass --allow-long-context to run past it")
+        print(f"specmoe {cmd}: warning: {why} (--allow-long-context: quality past it is not guaranteed)",
+              file=sys.stderr)
+
+
+def _shape_only(src: _Source, dtype, cmd: str):
+    """The target on the meta device (a checkpoint's files and tensor headers checked, nothing read): its
+    engines run every flag's check and size every buffer, for free."""
+    from .models.loader import empty_model, load_model
+    try:
+        return empty_model(src.args, "meta", dtype) if src.path is None else load_model(src.path, "meta", dtype)
+    except ValueError as e:
+        _fail(cmd, e)
+
+
+def _check_capacity(engines: list, P: int, N: int, cmd: str) -> list[int]:
+    """The KV slots per request each engine needs, refused where the target or the draft model is not exact
+    that far (the checks SpecEngine.generate makes, before anything is allocated)."""
+    needs = []
+    for e in engines:
+        need = e.capacity_for(P, N)
+        try:
+            e.target.args.check_context(need)
+            if e.drafter is not None:
+                e.drafter.check(need, e.spec)
+        except ValueError as err:
+            _fail(cmd, f"the longest prompt ({P} tokens) + --max-new-tokens {N} needs {need} cache slots: {err}")
+        needs.append(need)
+    return needs
+
+
+def _module_bytes(m) -> int:
+    return sum(p.numel() * p.element_size() for p in m.parameters())
+
+
+def _run_bytes(engines: list, bs: int, needs: list[int]) -> list[tuple[str, int]]:
+    """(what, bytes) the engines allocate: the target's weights once, each engine's target KV cache (its capacity
+    rounded up to a multiple of 128 slots: the most the engine rounds up), the draft models' / EAGLE heads'
+    weights and caches."""
+    from .speculative import Eagle3Drafter
+    target = engines[0].target
+    elem = target.tok_embeddings.weight.element_size()
+    weights, kv, draft_w, draft_kv = _module_bytes(target), 0, 0, 0
+    for e, need in zip(engines, needs):
+        cap = -(-need // 128) * 128
+        kv += target.args.kv_cache_bytes(bs, cap, elem)
+        module = getattr(e.drafter, "model", None) or getattr(e.drafter, "head", None)
+        if module is not None:
+            dargs = module.args.replace(n_layers=1) if isinstance(e.drafter, Eagle3Drafter) else module.args
+            draft_w += _module_bytes(module)
+            draft_kv += dargs.kv_cache_bytes(bs, cap + e.drafter.extra_capacity(e.spec), elem)
+    return [("weights", weights), ("KV cache", kv), ("draft weights", draft_w), ("draft KV cache", draft_kv)]
+
+
+def _check_memory(cmd: str, src: _Source, device, dtype, parts: list[tuple[str, int]]) -> None:
+    """Refuse a run whose weights + caches exceed the device's available memory (nothing allocated yet)."""
+    from .models.loader import GiB, NotEnoughMemoryError, check_device_memory
+    total = sum(b for _, b in parts)
+    detail = " + ".join(f"{what} {b / GiB:.2f} GiB" for what, b in parts if b)
+    dt = str(dtype).replace("torch.", "")
+    try:
+        check_device_memory(total, device, src.name, f"memory ({detail}, {dt})")
+    except NotEnoughMemoryError as e:
+        kv = sum(b for what, b in parts if "KV" in what)
+        hint = ("lower --max-new-tokens or the number of prompts" if kv > total / 2 else
+                "try --dtype bfloat16 (half the bytes of float32)" if dt == "float32" else
+                "use a smaller model")
+        _fail(cmd, f"{e}; {hint}, or a device with more memory")
+
+
+def _set_threads(a: argparse.Namespace, n_params: int, device) -> int:
+    """--threads, else OMP_NUM_THREADS (when set), else loader.default_cpu_threads on the CPU -> torch threads."""
+    import torch
+    from .models.loader import default_cpu_threads
+    if a.threads is not None:
+        n = a.threads
+    elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        n = default_cpu_threads(n_params)
+    else:
+        n = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def _preflight(a: argparse.Namespace, cmd: str, src: _Source, device, dtype, ids: list[list[int]],
+               engines_for: Callable) -> int:
+    """Every check of a run on the shape-only target, then the thread count -> threads. engines_for(target)
+    builds the engines the run uses (the same call runs again on the loaded target)."""
+    meta = _shape_only(src, dtype, cmd)
+    engines = engines_for(meta)
+    P = max(map(len, ids))
+    needs = _check_capacity(engines, P, a.max_new_tokens, cmd)
+    _check_memory(cmd, src, device, dtype, _run_bytes(engines, len(ids), needs))
+    return _set_threads(a, meta.num_parameters(), device)
+
+
+def _check_output_path(cmd: str, flag: str, path: str | None) -> None:
+    """An output file's folder must exist and be writable (checked before any measurement)."""
+    if path is None:
+        return
+    p = Path(path)
+    folder = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        _fail(cmd, f"{flag} {path}: is a folder; give a file name")
+    if not folder.is_dir():
+        _fail(cmd, f"{flag} {path}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        _fail(cmd, f"{flag} {path}: folder {str(folder)!r} is not writable")
+
+
+# ---- loading and engines --------------------------------------------------------------------------------
+
+def _load_target(a: argparse.Namespace, src: _Source, device, dtype, cmd: str):
+    from .models.loader import load_model
+    from .models.presets import build_preset
+    try:
+        if src.path is not None:
+            return load_model(src.path, device, dtype, check_finite=a.check_weights)
+        return build_preset(src.name, device, dtype, seed=a.seed)
+    except ValueError as e:
+        _fail(cmd, e)
+
+
+def _budget_style(a: argparse.Namespace) -> dict:
+    return dict(policy=a.budget_policy, weights=a.budget_weights, protect_root=not a.no_protect_root)
+
+
+def _budget(text, args, flag: str = "--budget", **style):
+    """A --budget text (or a candidate's B) -> the checked BudgetConfig: top_k <= B <= E per MoE layer.
+    B > E is refused, not clamped: such a budget keeps every expert, i.e. it is no budget."""
+    from .speculative import BudgetConfig
+    cfg = BudgetConfig.parse(str(text), **style)        # its errors name --budget
+    try:
+        cfg.validate(args)
+        per = [cfg.budget] if isinstance(cfg.budget, int) else cfg.budget
+        over = [b for b in per if b is not None and b > args.n_experts]
+        if over:
+            raise ValueError(f"expert budget {over[0]} exceeds the {args.n_experts} experts per MoE layer (it "
+                             f"would keep every expert: give 'none' for no budget)")
+    except ValueError as e:
+        raise ValueError(f"{flag} {text}: {e}") from None
+    return cfg
+
+
+def _spec_engine(a: argparse.Namespace, target, src: _Source, dtype, cmd: str, budget: str | None = None,
+                 tree: str | None = None):
+    """The SpecEngine the --draft/--tree/--budget flags describe (tree: instead of --tree)."""
+    from .speculative import SpecEngine, TreeSpec, make_drafter
+    try:
+        spec = TreeSpec.parse(tree or a.tree)
+        bcfg = _budget(budget, target.args, **_budget_style(a)) if budget else None
+        drafter = make_drafter(a.draft, target, default_draft_dir=src.draft_dir, target_dir=src.path, dtype=dtype)
         return SpecEngine(target, drafter, spec, bcfg, a.accept, cuda_graph=not getattr(a, "no_cuda_graph", False))
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"specmoe {cmd}: {e}")
+    except ValueError as e:                           # CheckpointError, TreeSpecError, DraftVocabError, ...
+        _fail(cmd, e)
 
 
-def _spec_controller(a: argparse.Namespace, target, target_dir, draft_dir, dtype, bs: int):
+def _check_auto_flags(a: argparse.Namespace) -> None:
+    if a.tree != DEFAULT_TREE:
+        _fail("generate", "--tree is chosen by --spec auto (chains of the --spec-candidates lengths): drop --tree")
+    if a.budget:
+        _fail("generate", "with --spec auto give budgets as candidates, e.g. --spec-candidates "
+                          "'k=0,2,4;budget=none,32', not --budget")
+    if a.spec_test_steps < 1:
+        _fail("generate", "--spec-test-steps must be >= 1")
+    if not 0.0 <= a.profile_alpha <= 1.0:
+        _fail("generate", "--profile-alpha must be in [0, 1]")
+
+
+def _spec_controller(a: argparse.Namespace, target, src: _Source, dtype, bs: int):
     """--spec auto: (engine over the longest candidate chain, CascadeController, budget style)."""
     from .speculative import BudgetConfig
     from .speculative.controller import CascadeController, parse_candidates
     from .speculative.perf_model import PerfProfile
-    if a.tree != "chain:4":
-        raise SystemExit("specmoe generate: --tree is chosen by --spec auto (chains of the --spec-candidates "
-                         "lengths): drop --tree")
-    if a.budget:
-        raise SystemExit("specmoe generate: with --spec auto give budgets as candidates, e.g. "
-                         "--spec-candidates 'k=0,2,4;budget=none,32', not --budget")
-    if a.spec_test_steps < 1:
-        raise SystemExit("specmoe generate: --spec-test-steps must be >= 1")
     try:
         cands = parse_candidates(a.spec_candidates)
         for c in cands:
             if c.budget is not None:
-                BudgetConfig(c.budget).validate(target.args)
+                _budget(c.budget, target.args, "--spec-candidates budget", **_budget_style(a))
     except ValueError as e:
-        raise SystemExit(f"specmoe generate: {e}")
+        _fail("generate", e)
     kmax = max(c.k for c in cands)
     if kmax == 0:
-        raise SystemExit("specmoe generate: --spec-candidates needs some k >= 1")
-    a.tree = f"chain:{kmax}"
-    engine = _spec_engine(a, target, target_dir, draft_dir, dtype, "generate", None)
+        _fail("generate", "--spec-candidates needs some k >= 1")
+    engine = _spec_engine(a, target, src, dtype, "generate", None, tree=f"chain:{kmax}")
     ctl = CascadeController(cands, test_steps=a.spec_test_steps)
     if a.profile:
         try:
             prof = PerfProfile.from_json(a.profile)
-        except (OSError, ValueError, KeyError) as e:
-            raise SystemExit(f"specmoe generate: --profile {a.profile}: {e}")
-        if not 0.0 <= a.profile_alpha <= 1.0:
-            raise SystemExit("specmoe generate: --profile-alpha must be in [0, 1]")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            _fail("generate", f"--profile {a.profile}: {e}")
         ctl.warm_start(prof, bs=bs, alpha=a.profile_alpha)
-    style = BudgetConfig(0, a.budget_policy, a.budget_weights, not a.no_protect_root)
+    style = BudgetConfig(0, **_budget_style(a))
     return engine, ctl, style
+
+
+def _generate_engine(a: argparse.Namespace, target, src: _Source, dtype, bs: int):
+    """(engine, controller or None, budget style or None) of a generate run: plain decoding is the engine
+    with no drafter (root-only steps: what speculative.generate runs)."""
+    from .speculative import SpecEngine
+    if a.draft is None:
+        return SpecEngine(target, None, cuda_graph=not a.no_cuda_graph), None, None
+    if a.spec == "auto":
+        return _spec_controller(a, target, src, dtype, bs)
+    return _spec_engine(a, target, src, dtype, "generate", a.budget), None, None
 
 
 def _spec_json(res) -> dict:
     return {"spec": "auto" if "controller" in res.config else "fixed", **res.config, **res.summary()}
 
 
-def _run_generate(a: argparse.Namespace) -> int:
-    from .models import SamplingParams
-    from .speculative import generate
-    from .models.loader import resolve_dtype
+# ---- generate -------------------------------------------------------------------------------------------
 
+def _check_generate_flags(a: argparse.Namespace):
+    """Flags that need no model -> SamplingParams."""
+    from .models import SamplingParams
     try:
         sampling = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed)
-    except ValueError as e:
-        raise SystemExit(f"specmoe generate: {e}")
-    if a.max_new_tokens < 1:
-        raise SystemExit("specmoe generate: --max-new-tokens must be >= 1")
-    speculative = a.draft is not None
-    if not speculative:
+    except ValueError as e:                           # "temperature must be ...", "top_p ...", "top_k ..."
+        name = str(e).split()[0]
+        _fail("generate", f"--{name.replace('_', '-')}: {e}" if name in ("temperature", "top_p", "top_k") else e)
+    if a.draft is None:
         used = [f for f, v in (("--budget", a.budget), ("--no-protect-root", a.no_protect_root),
                                ("--profile", a.profile)) if v]
-        used += [f for f, v, d in (("--tree", a.tree, "chain:4"), ("--accept", a.accept, "auto"),
+        used += [f for f, v, d in (("--tree", a.tree, DEFAULT_TREE), ("--accept", a.accept, "auto"),
                                     ("--spec", a.spec, "fixed"), ("--spec-candidates", a.spec_candidates,
                                                                   DEFAULT_CANDIDATES),
                                     ("--budget-policy", a.budget_policy, "substitute"),
                                     ("--budget-weights", a.budget_weights, "uniform")) if v != d]
         if used:
-            raise SystemExit(f"specmoe generate: {', '.join(used)} apply to speculative decoding: add --draft")
-    device = _resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    prompts = a.prompt or [DEFAULT_PROMPT]
-
+            _fail("generate", f"{', '.join(used)} apply to speculative decoding: add --draft")
     if a.spec == "fixed":
         ignored = [f for f, v in (("--profile", a.profile), ("--spec-candidates", a.spec_candidates != DEFAULT_CANDIDATES),
-                                  ("--spec-test-steps", a.spec_test_steps != 4)) if v]
+                                  ("--spec-test-steps", a.spec_test_steps != 4),
+                                  ("--profile-alpha", a.profile_alpha != 0.7)) if v]
         if ignored:
-            raise SystemExit(f"specmoe generate: {', '.join(ignored)} apply to --spec auto")
+            _fail("generate", f"{', '.join(ignored)} apply to --spec auto")
+    else:
+        _check_auto_flags(a)
+    return sampling
+
+
+def _run_generate(a: argparse.Namespace) -> int:
+    sampling = _check_generate_flags(a)
+    device, dtype = _device_dtype(a, "generate")
+    src = _source(a, "generate")
+    prompts, ids = _encode_prompts(a, src, "generate")
+    engines_for = lambda target: [_generate_engine(a, target, src, dtype, len(ids))[0]]  # noqa: E731
+    threads = _preflight(a, "generate", src, device, dtype, ids, engines_for)
 
     t0 = time.perf_counter()
-    name, model, tok, has_text, target_dir, draft_dir = _load_target(a, device, dtype, "generate")
-    ctl = style = None
-    if speculative and a.spec == "auto":
-        engine, ctl, style = _spec_controller(a, model, target_dir, draft_dir, dtype, len(prompts))
-    else:
-        engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "generate", a.budget) if speculative else None
+    model = _load_target(a, src, device, dtype, "generate")
+    engine, ctl, style = _generate_engine(a, model, src, dtype, len(ids))
     load_s = time.perf_counter() - t0
-
-    ids = [tok.encode(p) for p in prompts]
-    if any(len(i) == 0 for i in ids):
-        raise SystemExit("specmoe generate: a prompt encodes to zero tokens")
-    stop = () if a.ignore_eos or not has_text else tuple(sorted(tok.eos_token_ids))
-
+    stop = () if a.ignore_eos or not src.has_text else tuple(sorted(src.tok.eos_token_ids))
     bar = None
     if not a.no_progress:
         from tqdm import tqdm
@@ -252,39 +498,39 @@ def _run_generate(a: argparse.Namespace) -> int:
         bar.update(1)                                  # the first token comes from the prefill
     # the bar follows the request that is furthest along (one update per step, from the step's record)
     progress = (lambda st, toks: bar.update(max(map(len, toks), default=0))) if bar is not None else None
-    if engine is not None:
-        try:
-            res = engine.generate(ids, a.max_new_tokens, sampling, stop, controller=ctl, budget_style=style,
-                                  on_step=progress)
-        except ValueError as e:
-            raise SystemExit(f"specmoe generate: {e}")
-    else:
-        res = generate(model, ids, a.max_new_tokens, sampling, stop,
-                       cuda_graph=False if a.no_cuda_graph else None, on_step=progress)
+    try:
+        res = engine.generate(ids, a.max_new_tokens, sampling, stop, controller=ctl, budget_style=style,
+                              on_step=progress)
+    except ValueError as e:
+        _fail("generate", e)
     if bar is not None:
         bar.close()
+    return _report_generate(a, src, model, device, dtype, prompts, ids, res, engine, load_s, threads)
 
+
+def _report_generate(a, src: _Source, model, device, dtype, prompts, ids, res, engine, load_s, threads) -> int:
     outputs = []
-    for p, t, r in zip(prompts, res.tokens, res.finish_reasons):
-        outputs.append({"prompt": p, "text": tok.decode(t) if has_text else None, "tokens": t,
-                        "finish_reason": r})
+    for p, i, t, r in zip(prompts, ids, res.tokens, res.finish_reasons):
+        outputs.append({"prompt": p, "text": src.tok.decode_continuation(i, t) if src.has_text else None,
+                        "tokens": t, "finish_reason": r})
+    speculative = engine.drafter is not None
     stats = {
         "generated_tokens": res.n_generated, "tokens_per_s": round(res.tokens_per_s, 2),
         "prefill_ms": round(1e3 * res.prefill_s, 3), "decode_steps": res.decode_steps,
         "decode_step_ms": round(res.decode_step_ms, 3),
         "decode_tokens_per_s": round(len(ids) / (res.decode_step_ms / 1e3), 2) if res.decode_steps else None,
         "cuda_graph": res.cuda_graph, "graph_capture_ms": round(1e3 * res.extra.get("capture_s", 0.0), 1),
-        "load_s": round(load_s, 3),
+        "load_s": round(load_s, 3), "threads": threads,
     }
     spec = None
-    if engine is not None:
+    if speculative:
         spec = _spec_json(res)
         stats["decode_tokens_per_s"] = round((res.n_generated - len(ids)) / res.decode_s, 2) if res.decode_s else None
         stats["accepted_per_step"] = spec["accepted_per_step"]
         stats["tokens_per_step"] = spec["tokens_per_step"]
     dt = str(dtype).replace("torch.", "")
     if a.json:
-        doc = {"model": name, "architecture": model.args.architecture, "device": str(device),
+        doc = {"model": src.name, "architecture": model.args.architecture, "device": str(device),
                "dtype": dt, "parameters": model.num_parameters(),
                "sampling": {"temperature": a.temperature, "top_p": a.top_p, "top_k": a.top_k, "seed": a.seed},
                "max_new_tokens": a.max_new_tokens, "outputs": outputs, "stats": stats}
@@ -293,10 +539,10 @@ def _run_generate(a: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     for o in outputs:
-        if has_text:
+        if src.has_text:
             print(o["prompt"] + o["text"])
         else:
-            print(f"[random-weight preset {name}: token ids] {o['tokens']}")
+            print(f"[random-weight preset {src.name}: token ids] {o['tokens']}")
         print("-" * 72)
     how = (f"decode {res.decode_step_ms:.2f} ms/step x {res.decode_steps}" if spec is None else
            f"{res.decode_steps} speculative steps, {spec['tokens_per_step']} tokens/step, drafter {spec['drafter']}, "
@@ -315,61 +561,61 @@ def _run_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- demo -----------------------------------------------------------------------------------------------
+
 def _add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prompt", action="append", metavar="TEXT",
-                   help="prompt text; repeat for a batch (default: 'Return a new')")
-    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
+    _add_length_args(p)
+    _add_runtime_args(p, seed_help="accepted for symmetry with generate (tiny's weights are fixed, the runs greedy)")
     p.add_argument("--no-progress", action="store_true", help="(accepted for symmetry with generate)")
     p.add_argument("--repeats", type=int, default=5, metavar="R",
-                   help="timed runs per mode after one warm-up run; tokens/s is their median (default 5)")
+                   help="timed runs per mode after one warm-up run; tokens/s is their median")
     _add_spec_args(p, draft_default="model")
+
+
+DEMO_AUTO = "speculative, --spec auto"       # the demo run driven by a CascadeController
+
+
+def _demo_engines(a: argparse.Namespace, target, src: _Source, dtype) -> dict:
+    """label -> engine of the demo's four runs (plain decoding, speculative, + budget, --spec auto)."""
+    from .speculative import SpecEngine
+    from .speculative.controller import parse_candidates
+    E = target.args.n_experts
+    budget = a.budget or str(max(target.args.top_k, E // 2))
+    kmax = max(c.k for c in parse_candidates(DEFAULT_CANDIDATES))
+    return {"autoregressive": SpecEngine(target, None),
+            "speculative": _spec_engine(a, target, src, dtype, "demo"),
+            f"speculative + budget B={budget}": _spec_engine(a, target, src, dtype, "demo", budget),
+            DEMO_AUTO: _spec_engine(a, target, src, dtype, "demo", tree=f"chain:{kmax}")}
 
 
 def _run_demo(a: argparse.Namespace) -> int:
     """The embedded tiny pair, greedy: autoregressive, speculative, speculative + expert budget, --spec auto;
     each timed --repeats times after a warm-up (median tokens/s), with a verdict on whether speculation pays."""
-    import statistics
-    from .speculative import generate
     from .speculative.controller import CascadeController, parse_candidates
-    from .models.loader import resolve_dtype
 
-    if a.max_new_tokens < 1:
-        raise SystemExit("specmoe demo: --max-new-tokens must be >= 1")
     if a.repeats < 1:
-        raise SystemExit("specmoe demo: --repeats must be >= 1")
-    device = _resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
+        _fail("demo", "--repeats must be >= 1")
+    device, dtype = _device_dtype(a, "demo")
     a.model, a.preset = None, "tiny"
-    name, model, tok, _, target_dir, draft_dir = _load_target(a, device, dtype, "demo")
-    E = model.args.n_experts
-    budget = a.budget or str(max(model.args.top_k, E // 2))
-    spec_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", None)
-    budget_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", budget)
+    src = _source(a, "demo")
+    prompts, ids = _encode_prompts(a, src, "demo")
+    threads = _preflight(a, "demo", src, device, dtype, ids, lambda t: list(_demo_engines(a, t, src, dtype).values()))
+    model = _load_target(a, src, device, dtype, "demo")
+    engines = _demo_engines(a, model, src, dtype)
     cands = parse_candidates(DEFAULT_CANDIDATES)
-    tree = a.tree
-    a.tree = f"chain:{max(c.k for c in cands)}"
-    auto_engine = _spec_engine(a, model, target_dir, draft_dir, dtype, "demo", None)
-    a.tree = tree
-    prompts = a.prompt or [DEFAULT_PROMPT]
-    ids = [tok.encode(p) for p in prompts]
-    if any(len(i) == 0 for i in ids):
-        raise SystemExit("specmoe demo: a prompt encodes to zero tokens")
     N = a.max_new_tokens
-    modes = [("autoregressive", lambda: generate(model, ids, N)),
-             ("speculative", lambda: spec_engine.generate(ids, N)),
-             (f"speculative + budget B={budget}", lambda: budget_engine.generate(ids, N)),
-             ("speculative, --spec auto", lambda: auto_engine.generate(
-                 ids, N, controller=CascadeController(cands, test_steps=2)))]
     results = {}
-    for label, run in modes:                          # greedy, no stop tokens; warm-up, then the timed runs
-        run()
-        timed = sorted((run() for _ in range(a.repeats)), key=lambda r: r.tokens_per_s)
+    for label, engine in engines.items():             # greedy, no stop tokens; warm-up, then the timed runs
+        controller = (lambda: CascadeController(cands, test_steps=2)) if label == DEMO_AUTO else (lambda: None)
+        runs = [engine.generate(ids, N, controller=controller()) for _ in range(1 + a.repeats)][1:]
+        timed = sorted(runs, key=lambda r: r.tokens_per_s)
         results[label] = (timed[len(timed) // 2], [r.tokens_per_s for r in timed])
+    return _report_demo(a, src, model, device, dtype, prompts, ids, results, threads)
+
+
+def _report_demo(a, src: _Source, model, device, dtype, prompts, ids, results, threads) -> int:
+    import statistics
+    name, tok, E, N = src.name, src.tok, model.args.n_experts, a.max_new_tokens
     ar = results["autoregressive"][0]
 
     def agreement(res) -> dict:
@@ -411,15 +657,16 @@ def _run_demo(a: argparse.Namespace) -> int:
     a_ = model.args
     head = {"model": name, "architecture": a_.architecture, "layers": a_.n_layers, "experts": E,
             "top_k": a_.top_k, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "prompts": prompts, "max_new_tokens": N, "draft": a.draft, "tree": a.tree, "repeats": a.repeats}
+            "prompts": prompts, "max_new_tokens": N, "draft": a.draft, "tree": a.tree, "repeats": a.repeats,
+            "threads": threads}
     if a.json:
-        print(json.dumps({**head, "runs": rows, "verdict": verdict, "text": [tok.decode(t) for t in ar.tokens]},
+        print(json.dumps({**head, "runs": rows, "verdict": verdict, "text": [tok.decode_continuation(i, t) for i, t in zip(ids, ar.tokens)]},
                          indent=2))
         return 0
     print(f"specmoe demo: {name} ({a_.architecture}, {a_.n_layers} layers, {E} experts top-{a_.top_k}) on "
           f"{device} {head['dtype']}; draft {a.draft}, tree {a.tree}; {len(ids)} prompt(s) x {N} new tokens, greedy; "
           f"median of {a.repeats} runs")
-    print(f"text (autoregressive): {(prompts[0] + tok.decode(ar.tokens[0]))!r}")
+    print(f"text (autoregressive): {(prompts[0] + tok.decode_continuation(ids[0], ar.tokens[0]))!r}")
     print()
     print(f"{'run':34s} {'tokens/s':>9s} {'min-max':>15s} {'tok/step':>9s} {'accepted/step':>14s}  {'same as AR':>12s}")
     for r in rows:
@@ -447,93 +694,141 @@ def _run_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+
+
+# ---- plan -----------------------------------------------------------------------------------------------
+
 def _int_list(text: str, what: str, none_ok: bool = False) -> list:
     try:
         return [None if none_ok and v.strip().lower() == "none" else int(v) for v in text.split(",")]
     except ValueError:
-        raise SystemExit(f"specmoe plan: {what} {text!r}: expected a comma list of integers"
-                         + (" ('none' = no budget)" if none_ok else "")) from None
+        _fail("plan", f"{what} {text!r}: expected a comma list of integers" + (" ('none' = no budget)" if none_ok else ""))
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="DIR", help="local Hugging Face checkpoint folder")
-    src.add_argument("--preset", metavar="NAME", help="named model (see `specmoe models`; default: tiny)")
+    _add_source_args(p)
     p.add_argument("--draft-model", metavar="DIR",
                    help="draft checkpoint for the draft points (default: the preset's bundled draft; none: skipped)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--seed", type=int, default=0)
+    _add_runtime_args(p, seed_help="seed of the random tokens and logits measured")
     p.add_argument("--max-bs", type=int, default=None, metavar="N",
                    help="largest batch size, a power of two (default: 64 on CUDA, 16 on CPU)")
-    p.add_argument("--n-toks", default="1,4,8", metavar="N,N,...",
-                   help="tokens per request of the target forwards (default 1,4,8)")
+    p.add_argument("--n-toks", default="1,4,8", metavar="N,N,...", help="tokens per request of the target forwards")
     p.add_argument("--budgets", default="none", metavar="B,B,...",
-                   help="expert budgets measured besides none (e.g. none,32; default none)")
-    p.add_argument("--ctx", type=int, default=16, help="committed tokens in the cache before each forward (16)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per point, median (default 20 CUDA, 5 CPU)")
+                   help="expert budgets measured besides none (e.g. none,32)")
+    p.add_argument("--ctx", type=int, default=16, help="committed tokens in the cache before each forward")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed runs per point, median (default 20 CUDA, 5 CPU); a warning names the points whose "
+                        "runs disagree by more than 30%% when they are over a quarter of all")
     p.add_argument("--ridge-point", type=float, default=None, metavar="RP",
                    help="peak FLOP/s / peak bytes/s of the device (default 295 on CUDA = H100 bf16, 10 on CPU)")
-    p.add_argument("--out", metavar="FILE", default="profile.json", help="profile JSON (default profile.json)")
+    p.add_argument("--out", metavar="FILE", default="profile.json", help="profile JSON")
     p.add_argument("--plot", metavar="PNG", help="predicted vs measured plot (needs matplotlib)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
+
+
+@dataclass
+class _PlanSetup:
+    max_bs: int
+    n_toks: list[int]
+    budgets: list[int | None]
+    repeats: int
+    RP: float
+
+
+def _plan_setup(a: argparse.Namespace, device) -> _PlanSetup:
+    """The plan flags, checked (the output paths too: before anything is measured)."""
+    from .speculative import plan as planlib
+    cuda = device.type == "cuda"
+    max_bs = a.max_bs if a.max_bs is not None else (64 if cuda else 16)
+    if max_bs < 1 or max_bs & (max_bs - 1):
+        _fail("plan", f"--max-bs {max_bs} must be a power of two")
+    n_toks = _int_list(a.n_toks, "--n-toks")
+    budgets = _int_list(a.budgets, "--budgets", none_ok=True)
+    if any(n < 1 for n in n_toks) or a.ctx < 1:
+        _fail("plan", "--n-toks and --ctx must be >= 1")
+    repeats = a.repeats if a.repeats is not None else (20 if cuda else 5)
+    if repeats < 1:
+        _fail("plan", "--repeats must be >= 1")
+    _check_output_path("plan", "--out", a.out)
+    _check_output_path("plan", "--plot", a.plot)
+    RP = a.ridge_point if a.ridge_point is not None else planlib.DEFAULT_RP["cuda" if cuda else "cpu"]
+    return _PlanSetup(max_bs, n_toks, budgets, repeats, RP)
+
+
+def _plan_draft(a: argparse.Namespace, src: _Source, device, dtype):
+    """The draft model of the draft points (None: skipped), on `device` ("meta": checks and shapes only)."""
+    from .models.loader import load_model
+    path = a.draft_model or src.draft_dir
+    try:
+        return None if path is None else load_model(path, device, dtype)
+    except ValueError as e:
+        _fail("plan", f"--draft-model: {e}" if a.draft_model else e)
+
+
+def _plan_preflight(a: argparse.Namespace, src: _Source, device, dtype, ps: _PlanSetup) -> int:
+    """Every check of a plan run before loading -> threads: MoE target, budgets, draft, memory."""
+    from .speculative import perf_model as pm
+    if not src.args.is_moe:
+        _fail("plan", f"the performance model is for MoE targets ({src.args.architecture} has no experts)")
+    for B in ps.budgets:
+        if B is not None:
+            try:
+                _budget(B, src.args, "--budgets")
+            except ValueError as e:
+                _fail("plan", e)
+    meta, draft = _shape_only(src, dtype, "plan"), _plan_draft(a, src, "meta", dtype)
+    elem = meta.tok_embeddings.weight.element_size()
+    cap = a.ctx + max(max(ps.n_toks), 5) + 1                        # plan._Bench's cache per (model, bs)
+    sizes = sorted({bs for _, bs, _, _ in pm.default_plan(ps.max_bs, ps.n_toks, ps.budgets)})
+    parts = [("weights", _module_bytes(meta)), ("KV caches", sum(meta.args.kv_cache_bytes(b, cap, elem) for b in sizes))]
+    if draft is not None:
+        parts += [("draft weights", _module_bytes(draft)),
+                  ("draft KV caches", sum(draft.args.kv_cache_bytes(b, cap, elem) for b in sizes))]
+    _check_memory("plan", src, device, dtype, parts)
+    return _set_threads(a, meta.num_parameters(), device)
 
 
 def _run_plan(a: argparse.Namespace) -> int:
     """Measure ~20 points of the MoESD model on the real model, fit, print, save the profile."""
-    from .models.loader import CheckpointError, load_model, resolve_dtype
-    from .models.presets import get_preset
+    import torch
     from .speculative import plan as planlib
 
-    device = _resolve_device(a.device)
-    dtype = resolve_dtype(a.dtype, device)
-    dev_type = "cuda" if device.startswith("cuda") else "cpu"
-    max_bs = a.max_bs if a.max_bs is not None else (64 if dev_type == "cuda" else 16)
-    if max_bs < 1 or max_bs & (max_bs - 1):
-        raise SystemExit(f"specmoe plan: --max-bs {max_bs} must be a power of two")
-    n_toks = _int_list(a.n_toks, "--n-toks")
-    budgets = _int_list(a.budgets, "--budgets", none_ok=True)
-    if any(n < 1 for n in n_toks) or a.ctx < 1:
-        raise SystemExit("specmoe plan: --n-toks and --ctx must be >= 1")
-    repeats = a.repeats if a.repeats is not None else (20 if dev_type == "cuda" else 5)
-    if repeats < 1:
-        raise SystemExit("specmoe plan: --repeats must be >= 1")
-    RP = a.ridge_point if a.ridge_point is not None else planlib.DEFAULT_RP[dev_type]
-    name, model, _, _, _, draft_dir = _load_target(a, device, dtype, "plan")
-    if not model.args.is_moe:
-        raise SystemExit(f"specmoe plan: the performance model is for MoE targets ({model.args.architecture} "
-                         f"has no experts)")
-    for B in budgets:
-        if B is not None and not model.args.top_k <= B <= model.args.n_experts:
-            raise SystemExit(f"specmoe plan: budget {B} outside [top_k {model.args.top_k}, E {model.args.n_experts}]")
-    draft = None
-    try:
-        if a.draft_model:
-            draft = load_model(a.draft_model, device, dtype)
-        elif draft_dir is not None:
-            draft = load_model(draft_dir, device, dtype)
-    except (CheckpointError, ValueError) as e:
-        raise SystemExit(f"specmoe plan: {e}")
+    device, dtype = _device_dtype(a, "plan")
+    ps = _plan_setup(a, device)
+    src = _source(a, "plan")
+    threads = _plan_preflight(a, src, device, dtype, ps)
+    model = _load_target(a, src, device, dtype, "plan")
+    draft = _plan_draft(a, src, device, dtype)
     t0 = time.perf_counter()
-    meta = {"model": name, "device": device, "dtype": str(dtype).replace("torch.", ""),
-            "gpu": __import__("torch").cuda.get_device_name(device) if dev_type == "cuda" else None}
+    meta = {"model": src.name, "device": str(device), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     try:
-        res = planlib.plan(model, draft, max_bs, n_toks, budgets, RP, a.ctx, repeats=repeats, seed=a.seed, meta=meta)
+        res = planlib.plan(model, draft, ps.max_bs, ps.n_toks, ps.budgets, ps.RP, a.ctx, repeats=ps.repeats,
+                           seed=a.seed, meta=meta)
     except ImportError as e:
-        raise SystemExit(f"specmoe plan: {e}")
+        _fail("plan", e)
     secs = time.perf_counter() - t0
     res.profile.to_json(a.out)
     plotted = planlib.plot(res, a.plot) if a.plot else None
+    if res.unreliable:
+        shown = "; ".join(res.noisy[:6]) + (f"; ... ({len(res.noisy)} in all)" if len(res.noisy) > 6 else "")
+        print(f"specmoe plan: warning: the repeated runs of {len(res.noisy)} of {len(res.points)} points disagree "
+              f"by more than {100 * planlib.NOISY_SPREAD:.0f}% (spread, (max - min) / median: {shown}): the fit is "
+              f"unreliable; measure on a quiet machine, with --threads 1 for a small model", file=sys.stderr)
+    return _report_plan(a, src, device, ps, res, plotted, secs, threads)
+
+
+def _report_plan(a, src: _Source, device, ps: _PlanSetup, res, plotted, secs: float, threads: int) -> int:
     rows = res.rows()
     if a.json:
-        print(json.dumps({"model": name, "device": device, "profile": a.out, "points": rows,
+        print(json.dumps({"model": src.name, "device": str(device), "profile": a.out, "points": rows,
                           "mape_train_pct": round(res.mape_train, 3),
                           "mape_held_out_pct": None if res.mape_held_out is None else round(res.mape_held_out, 3),
-                          "skipped": res.skipped, "plot": a.plot if plotted else None, "seconds": round(secs, 2),
+                          "skipped": res.skipped, "noisy_points": res.noisy, "threads": threads,
+                          "plot": a.plot if plotted else None, "seconds": round(secs, 2),
                           "params": res.profile.params}, indent=2))
         return 0
-    print(f"specmoe plan: {name} on {device} ({len(rows)} points, median of {repeats}, RP {RP:g})")
+    print(f"specmoe plan: {src.name} on {device} ({len(rows)} points, median of {ps.repeats}, RP {ps.RP:g}, "
+          f"{threads} thread(s))")
     print(f"{'kind':7s} {'bs':>4s} {'n_tok':>5s} {'budget':>6s} {'measured ms':>12s} {'predicted ms':>13s} "
           f"{'err %':>7s}  set")
     for r in rows:
@@ -549,8 +844,10 @@ def _run_plan(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---- models ---------------------------------------------------------------------------------------------
+
 def _add_models_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (machine-readable) only")
 
 
 def _run_models(a: argparse.Namespace) -> int:
@@ -586,11 +883,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="specmoe", description="Speculative decoding for MoE LLMs.")
+    parser = argparse.ArgumentParser(prog="specmoe", description="Speculative decoding for MoE LLMs.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {}
     for name, (help_, add, run) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=_HelpFormatter)
         add(sp)
         sp.set_defaults(_run=run)
         subs[name] = sp
@@ -598,12 +897,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     parser, _ = build_parser()
     a = parser.parse_args(argv)
     if not getattr(a, "_run", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    return a._run(a)
+    threads = torch.get_num_threads()
+    try:
+        return a._run(a)
+    finally:
+        torch.set_num_threads(threads)              # --threads is this command's, not the caller's
 
 
 if __name__ == "__main__":

@@ -5,18 +5,35 @@ f expert FFN (moe_intermediate_size), f_dense dense FFN (intermediate_size), L l
 
 Contract: `ModelArgs.from_hf_config(cfg)` either returns a complete description of the network that
 `model.Transformer` builds (and that reproduces transformers' forward for that architecture), or raises
-`UnsupportedModelError` naming the config key that is missing or unsupported. Nothing is allocated here.
+`UnsupportedModelError` naming the config key that is missing, mistyped (a string `hidden_size`), out of
+range, or beyond the kernels' limits (MAX_EXPERTS experts per layer, MAX_TOP_K experts per token), so a
+config that parses also runs its first forward. Nothing is allocated here.
 Per-family defaults are transformers 5.17's class defaults, used when a config.json omits a key.
+
+Sizes of a run, for the checks made before anything is allocated:
+    ModelArgs.check_context(n)     n slots beyond where this runtime is exact (sliding window, dynamic NTK)
+    ModelArgs.check_positions(n)   n positions beyond max_position_embeddings (what the model was trained for)
+    ModelArgs.kv_cache_bytes(bs, S, elem)   the static KV cache of bs requests x S slots
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint's config asks for something this runtime does not implement."""
+
+
+class ContextLengthError(ValueError):
+    """A run would use more positions than the model's max_position_embeddings."""
+
+
+# The routing / fused-MoE kernels' limits (csrc/kernels/routing.h kMaxExperts, kMaxTopK; fused_moe.h).
+MAX_EXPERTS = 512
+MAX_TOP_K = 16
 
 
 # HF architecture name -> family (the model_type transformers uses).
@@ -136,14 +153,29 @@ class ModelArgs:
             raise UnsupportedModelError(
                 f"sequence capacity {n_tokens} exceeds {self.max_context} tokens: {self.max_context_reason}")
 
+    def check_positions(self, n_tokens: int) -> None:
+        """Raise ContextLengthError if a sequence of n_tokens exceeds max_position_embeddings."""
+        if n_tokens > self.max_position_embeddings:
+            raise ContextLengthError(f"{n_tokens} positions exceed max_position_embeddings="
+                                     f"{self.max_position_embeddings}")
+
+    def kv_cache_bytes(self, batch_size: int, capacity: int, elem_bytes: int) -> int:
+        """Bytes of a static KV cache: L layers x (K, V) x bs x Hk x d x S slots x elem_bytes."""
+        return self.n_layers * 2 * batch_size * self.n_kv_heads * self.head_dim * capacity * elem_bytes
+
     @staticmethod
     def from_hf_config(cfg: dict[str, Any]) -> "ModelArgs":
+        if not isinstance(cfg, dict):
+            raise UnsupportedModelError(f"config must be a JSON object (key: value pairs), got a "
+                                        f"{type(cfg).__name__}")
         return _parse(cfg)
 
 
 def _arch_of(cfg: dict[str, Any]) -> tuple[str, str]:
     archs = cfg.get("architectures") or []
     supported = ", ".join(SUPPORTED_ARCHITECTURES)
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UnsupportedModelError(f"config key 'architectures' must be a list of names, got {archs!r}")
     if archs:
         arch = archs[0]
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -157,9 +189,63 @@ def _arch_of(cfg: dict[str, Any]) -> tuple[str, str]:
         f"config has no 'architectures' entry and unsupported model_type {mt!r}; supported: {supported}")
 
 
-def _rope(cfg: dict[str, Any], get) -> RopeConfig:
+def _as_int(v: Any, key: str, minimum: int = 1) -> int:
+    """An integer config value >= minimum (JSON 8.0 is 8; booleans and strings are refused)."""
+    ok = (isinstance(v, int) or (isinstance(v, float) and v.is_integer())) and not isinstance(v, bool)
+    if not ok or v < minimum:
+        raise UnsupportedModelError(f"config key {key!r} must be an integer >= {minimum}, got {v!r}")
+    return int(v)
+
+
+def _as_float(v: Any, key: str, positive: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or (positive and v <= 0):
+        raise UnsupportedModelError(f"config key {key!r} must be a finite number{' > 0' if positive else ''}, "
+                                    f"got {v!r}")
+    return float(v)
+
+
+def _as_bool(v: Any, key: str) -> bool:
+    if v in (None, 0, 1) or isinstance(v, bool):      # None: absent with no family default
+        return bool(v)
+    raise UnsupportedModelError(f"config key {key!r} must be true or false, got {v!r}")
+
+
+def token_ids(v: Any, key: str) -> tuple[int, ...]:
+    """A token id, a list of them, or None -> the ids."""
+    vals = v if isinstance(v, list) else [v]
+    return tuple(_as_int(x, key, minimum=0) for x in vals if x is not None)
+
+
+class _Config:
+    """Typed reads of config keys: the config's value, else the family default; errors name the key."""
+
+    def __init__(self, cfg: dict[str, Any], defaults: dict[str, Any]):
+        self.cfg, self.defaults = cfg, defaults
+
+    def raw(self, key: str, default: Any = None) -> Any:
+        v = self.cfg.get(key)
+        return self.defaults.get(key, default) if v is None else v
+
+    def integer(self, key: str, default: Any = None, minimum: int = 1) -> int:
+        return _as_int(self.raw(key, default), key, minimum)
+
+    def optional_integer(self, key: str, minimum: int = 1) -> int | None:
+        v = self.raw(key)
+        return None if v is None else _as_int(v, key, minimum)
+
+    def number(self, key: str, default: Any = None, positive: bool = False) -> float:
+        return _as_float(self.raw(key, default), key, positive)
+
+    def flag(self, key: str) -> bool:
+        return _as_bool(self.raw(key), key)
+
+
+def _rope(c: _Config) -> RopeConfig:
     # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` + `rope_scaling`.
-    rp = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    cfg = c.cfg
+    key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rp = cfg.get(key) or {}
     if not isinstance(rp, dict):
         raise UnsupportedModelError(f"rope_parameters must be a dict, got {rp!r}")
     if rp and not ({"rope_type", "type", "rope_theta", "factor"} & set(rp)):
@@ -170,128 +256,149 @@ def _rope(cfg: dict[str, Any], get) -> RopeConfig:
     prf = rp.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     if prf not in (None, 1, 1.0):
         raise UnsupportedModelError(f"partial_rotary_factor={prf} is not supported (only 1.0)")
-    theta = float(rp.get("rope_theta", cfg.get("rope_theta", get("rope_theta"))))
-    factor = rp.get("factor")
+
+    def num(k: str, cast=_as_float):
+        v = rp.get(k)
+        return None if v is None else cast(v, f"{key}[{k!r}]")
+
+    theta = num("rope_theta") if rp.get("rope_theta") is not None else c.number("rope_theta", positive=True)
+    factor = num("factor")
     if rtype in ("linear", "dynamic", "llama3") and factor is None:
         raise UnsupportedModelError(f"rope type {rtype!r} needs rope_parameters['factor']")
-    omax = rp.get("original_max_position_embeddings")
+    omax = num("original_max_position_embeddings", _as_int)
     if rtype in ("llama3", "yarn") and omax is None:
-        omax = cfg.get("original_max_position_embeddings", get("max_position_embeddings"))
+        omax = (_as_int(cfg["original_max_position_embeddings"], "original_max_position_embeddings")
+                if cfg.get("original_max_position_embeddings") is not None else c.integer("max_position_embeddings"))
     if rtype == "llama3":
         for k in ("low_freq_factor", "high_freq_factor"):
             if rp.get(k) is None:
                 raise UnsupportedModelError(f"rope type 'llama3' needs rope_parameters[{k!r}]")
     if rtype == "yarn" and factor is None:
-        factor = get("max_position_embeddings") / omax
+        factor = c.integer("max_position_embeddings") / omax
     return RopeConfig(
-        rope_type=rtype, theta=theta, factor=float(factor) if factor is not None else 1.0,
-        low_freq_factor=rp.get("low_freq_factor"), high_freq_factor=rp.get("high_freq_factor"),
-        original_max_position_embeddings=int(omax) if omax is not None else None,
-        attention_factor=rp.get("attention_factor"), beta_fast=rp.get("beta_fast"),
-        beta_slow=rp.get("beta_slow"), mscale=rp.get("mscale"), mscale_all_dim=rp.get("mscale_all_dim"),
-        truncate=bool(rp.get("truncate", True)))
+        rope_type=rtype, theta=theta, factor=factor if factor is not None else 1.0,
+        low_freq_factor=num("low_freq_factor"), high_freq_factor=num("high_freq_factor"),
+        original_max_position_embeddings=omax, attention_factor=num("attention_factor"),
+        beta_fast=num("beta_fast"), beta_slow=num("beta_slow"), mscale=num("mscale"),
+        mscale_all_dim=num("mscale_all_dim"), truncate=_as_bool(rp.get("truncate", True), f"{key}['truncate']"))
 
 
 def _parse(cfg: dict[str, Any]) -> ModelArgs:
     arch, fam = _arch_of(cfg)
-    defaults = _FAMILY_DEFAULTS[fam]
+    c = _Config(cfg, _FAMILY_DEFAULTS[fam])
     for k in _REQUIRED:
         if cfg.get(k) is None:
             raise UnsupportedModelError(f"config.json of {arch} is missing required key {k!r}")
 
-    def get(key: str, default: Any = None) -> Any:
-        v = cfg.get(key)
-        if v is None:
-            v = defaults.get(key, default)
-        return v
-
-    h, H = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-    L = int(cfg["num_hidden_layers"])
-    Hk = int(get("num_key_value_heads") or H)
+    h, H, L = c.integer("hidden_size"), c.integer("num_attention_heads"), c.integer("num_hidden_layers")
+    Hk = c.optional_integer("num_key_value_heads") or H
     if H % Hk:
         raise UnsupportedModelError(f"num_attention_heads={H} is not a multiple of num_key_value_heads={Hk}")
-    head_dim = int(get("head_dim") or h // H)
+    head_dim = c.optional_integer("head_dim") or h // H
+    if head_dim < 1:
+        raise UnsupportedModelError(f"hidden_size={h} / num_attention_heads={H} gives head_dim 0: set head_dim")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act={act!r} is not supported (only 'silu')")
-    rope = _rope(cfg, get)
-    max_pos = int(get("max_position_embeddings"))
+    rope = _rope(c)
+    max_pos = c.integer("max_position_embeddings")
 
     kw: dict[str, Any] = {}
     # attention projections' biases and q/k norms
     if fam == "llama":
-        kw.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")),
-                  mlp_bias=bool(get("mlp_bias")))
+        kw.update(qkv_bias=c.flag("attention_bias"), o_bias=c.flag("attention_bias"), mlp_bias=c.flag("mlp_bias"))
     elif fam == "qwen2":
         kw.update(qkv_bias=True)
     elif fam == "qwen2_moe":
-        kw.update(qkv_bias=bool(get("qkv_bias")))
+        kw.update(qkv_bias=c.flag("qkv_bias"))
     elif fam in ("qwen3", "qwen3_moe"):
-        kw.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")), qk_norm="head")
+        kw.update(qkv_bias=c.flag("attention_bias"), o_bias=c.flag("attention_bias"), qk_norm="head")
     elif fam == "olmoe":
-        kw.update(qkv_bias=bool(get("attention_bias")), o_bias=bool(get("attention_bias")), qk_norm="full",
-                  clip_qkv=get("clip_qkv"))
+        clip = c.raw("clip_qkv")
+        kw.update(qkv_bias=c.flag("attention_bias"), o_bias=c.flag("attention_bias"), qk_norm="full",
+                  clip_qkv=None if clip is None else _as_float(clip, "clip_qkv", positive=True))
         if head_dim * H != h:
             raise UnsupportedModelError("OLMoE with head_dim * num_attention_heads != hidden_size is not supported")
 
     # MoE structure
     moe_layers = [False] * L
     if fam in MOE_FAMILIES:
-        E = cfg.get("num_experts", cfg.get("num_local_experts"))
-        E = int(E if E is not None else get("num_experts", get("num_local_experts")))
-        K = int(get("num_experts_per_tok"))
-        if not 0 < K <= E:
-            raise UnsupportedModelError(f"num_experts_per_tok={K} must be in [1, num_experts={E}]")
+        e_key = next((k for k in ("num_experts", "num_local_experts") if cfg.get(k) is not None),
+                     "num_local_experts" if fam == "mixtral" else "num_experts")
+        E, K = c.integer(e_key), c.integer("num_experts_per_tok")
+        if E > MAX_EXPERTS:
+            raise UnsupportedModelError(f"{e_key}={E} exceeds the {MAX_EXPERTS} experts per layer the routing "
+                                        f"kernels support")
+        if not K <= min(E, MAX_TOP_K):
+            raise UnsupportedModelError(f"num_experts_per_tok={K} must be in [1, min({e_key}={E}, {MAX_TOP_K})] "
+                                        f"({MAX_TOP_K} = the routing kernels' top-k limit)")
         kw.update(n_experts=E, top_k=K)
         if fam in ("mixtral", "olmoe"):
             # These two store the expert FFN size in `intermediate_size` and have no dense layers.
-            kw.update(moe_intermediate_size=int(cfg["intermediate_size"]),
-                      norm_topk_prob=True if fam == "mixtral" else bool(get("norm_topk_prob")))
+            kw.update(moe_intermediate_size=c.integer("intermediate_size"),
+                      norm_topk_prob=True if fam == "mixtral" else c.flag("norm_topk_prob"))
             moe_layers = [True] * L
         else:
             if cfg.get("moe_intermediate_size") is None:
                 raise UnsupportedModelError(f"config.json of {arch} is missing required key 'moe_intermediate_size'")
-            step = int(get("decoder_sparse_step"))
-            only = set(get("mlp_only_layers") or [])
-            moe_layers = [(i not in only) and E > 0 and (i + 1) % step == 0 for i in range(L)]
-            kw.update(moe_intermediate_size=int(cfg["moe_intermediate_size"]),
-                      norm_topk_prob=bool(get("norm_topk_prob")))
+            step = c.integer("decoder_sparse_step")
+            only = c.raw("mlp_only_layers") or []
+            if not isinstance(only, list):
+                raise UnsupportedModelError(f"config key 'mlp_only_layers' must be a list of layer indices, "
+                                            f"got {only!r}")
+            only = {_as_int(i, "mlp_only_layers", minimum=0) for i in only}
+            moe_layers = [(i not in only) and (i + 1) % step == 0 for i in range(L)]
+            kw.update(moe_intermediate_size=c.integer("moe_intermediate_size"), norm_topk_prob=c.flag("norm_topk_prob"))
             if fam == "qwen2_moe":
-                kw.update(shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0))
+                fs = cfg.get("shared_expert_intermediate_size")
+                kw.update(shared_expert_intermediate_size=0 if fs is None else
+                          _as_int(fs, "shared_expert_intermediate_size", minimum=0))
     needs_dense = not all(moe_layers) or fam not in MOE_FAMILIES
     if needs_dense and cfg.get("intermediate_size") is None:
         raise UnsupportedModelError(f"config.json of {arch} is missing required key 'intermediate_size'")
-    f_dense = int(cfg.get("intermediate_size") or 0) if fam not in ("mixtral", "olmoe") else 0
+    f_dense = 0
+    if fam not in ("mixtral", "olmoe") and cfg.get("intermediate_size") is not None:
+        f_dense = c.integer("intermediate_size", minimum=1 if needs_dense else 0)
 
-    # Where this runtime stops being exact: sliding windows and dynamic NTK act only on long sequences.
+    max_ctx, reason = _exact_context(c, fam, L, max_pos, rope)
+    return ModelArgs(
+        architecture=arch, family=fam, vocab_size=c.integer("vocab_size"), hidden_size=h, n_layers=L, n_heads=H,
+        n_kv_heads=Hk, head_dim=head_dim, intermediate_size=f_dense,
+        rms_norm_eps=c.number("rms_norm_eps", positive=True), rope=rope, max_position_embeddings=max_pos,
+        tie_word_embeddings=c.flag("tie_word_embeddings"), moe_layers=tuple(moe_layers), max_context=max_ctx,
+        max_context_reason=reason, bos_token_id=_token_id(c, "bos_token_id"),
+        eos_token_ids=token_ids(cfg.get("eos_token_id", c.defaults.get("eos_token_id")), "eos_token_id"),
+        pad_token_id=_token_id(c, "pad_token_id"),
+        torch_dtype=cfg.get("dtype", cfg.get("torch_dtype")), **kw)
+
+
+def _token_id(c: _Config, key: str) -> int | None:
+    """A single special-token id (an explicit null stays None; absent: the family default)."""
+    ids = token_ids(c.cfg.get(key, c.defaults.get(key)), key)
+    return ids[0] if ids else None
+
+
+def _exact_context(c: _Config, fam: str, L: int, max_pos: int, rope: RopeConfig) -> tuple[int | None, str]:
+    """Where this runtime stops being exact: sliding windows and dynamic NTK act only on long sequences."""
+    cfg = c.cfg
     limits: list[tuple[int, str]] = []
     window = None
     if fam == "mixtral":
         window = cfg.get("sliding_window")
     elif fam == "qwen3_moe":
-        window = cfg.get("sliding_window") if get("use_sliding_window") else None
+        window = cfg.get("sliding_window") if c.flag("use_sliding_window") else None
     elif fam in ("qwen2", "qwen2_moe", "qwen3"):
         lt = cfg.get("layer_types")
-        if lt is None and get("use_sliding_window"):
-            mwl = int(get("max_window_layers"))
+        if lt is None and c.flag("use_sliding_window"):
+            mwl = c.integer("max_window_layers", minimum=0)
             lt = ["sliding_attention" if (i + 1) % 2 and i < mwl else "full_attention" for i in range(L)]
         if lt and "sliding_attention" in lt:
-            window = get("sliding_window")
+            window = c.raw("sliding_window")
     if window:
-        limits.append((int(window), f"sliding-window attention (window {window}) is not implemented; it only "
-                                    f"changes results for sequences longer than the window"))
+        window = _as_int(window, "sliding_window")
+        limits.append((window, f"sliding-window attention (window {window}) is not implemented; it only "
+                               f"changes results for sequences longer than the window"))
     if rope.rope_type == "dynamic":
         limits.append((max_pos, f"dynamic NTK RoPE scaling is not implemented; it equals plain RoPE up to "
                                 f"max_position_embeddings={max_pos}"))
-    max_ctx, reason = (min(limits) if limits else (None, ""))
-
-    eos = cfg.get("eos_token_id", defaults.get("eos_token_id"))
-    eos_ids = tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None)
-    bos = cfg.get("bos_token_id", defaults.get("bos_token_id"))
-    return ModelArgs(
-        architecture=arch, family=fam, vocab_size=int(cfg["vocab_size"]), hidden_size=h, n_layers=L, n_heads=H,
-        n_kv_heads=Hk, head_dim=head_dim, intermediate_size=f_dense, rms_norm_eps=float(get("rms_norm_eps")),
-        rope=rope, max_position_embeddings=max_pos, tie_word_embeddings=bool(get("tie_word_embeddings")),
-        moe_layers=tuple(moe_layers), max_context=max_ctx, max_context_reason=reason,
-        bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids,
-        pad_token_id=cfg.get("pad_token_id"), torch_dtype=cfg.get("dtype", cfg.get("torch_dtype")), **kw)
+    return min(limits) if limits else (None, "")

@@ -12,15 +12,25 @@ Expert weights are accepted in both layouts found in the wild:
 and are stacked per layer into w13 [E, 2f, h] (gate rows, then up rows) and w2 [E, h, f]; q/k/v
 projections are fused into wqkv [(Hq+2Hk)d, h], gate/up of dense MLPs into w13 [2f, h].
 
-Every check -- folder and files, architecture, tensor names (missing / unexpected, by name), shapes,
-dtypes, device memory -- runs on the safetensors headers before any device allocation. Then the model is
-allocated once on the target device in the target dtype and each tensor is copied from the memory-mapped
-file straight into its slot (one source tensor in host memory at a time).
+Every check -- folder and files (symlink loops, folders where files belong, shard paths that leave the
+folder), architecture, tensor names (missing / unexpected, by name), shapes, dtypes, device memory (free
+GPU memory on CUDA, MemAvailable on the CPU) -- runs on config.json and the safetensors headers before any
+device allocation. Then the model is allocated once on the target device in the target dtype and each
+tensor is copied from the memory-mapped file straight into its slot (one source tensor in host memory at a
+time; `check_finite=True` also refuses NaN / Inf weights, by name). On the "meta" device only the checks
+run and the shapes are built (nothing is read: planning, dry runs).
+
+Host resources, for the checks a run makes before it allocates (the CLI's messages build on them):
+    available_memory(device)        (available, total) bytes: free GPU memory, or the CPU's MemAvailable
+    check_device_memory(n, device)  NotEnoughMemoryError when n bytes do not fit
+    default_cpu_threads(n_params)   torch threads for a model of n_params parameters on the CPU
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +38,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .config import ModelArgs, SUPPORTED_ARCHITECTURES, UnsupportedModelError
+from .config import ModelArgs, SUPPORTED_ARCHITECTURES, UnsupportedModelError, token_ids
 from .model import Transformer
 
 SUPPORTED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -40,6 +50,35 @@ class CheckpointError(ValueError):
     """The checkpoint folder cannot be loaded as asked; the message names the file / tensor / value."""
 
 
+class NotEnoughMemoryError(CheckpointError):
+    """The weights (and caches) of a run do not fit the device's available memory."""
+
+
+def _parse_device(name: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "meta"):
+        raise CheckpointError(f"unknown device {str(name)!r}: expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """"auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N", or "meta" (shapes only) -> the
+    device; CheckpointError naming the value for anything else, or a CUDA device this machine lacks."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = _parse_device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {str(name)!r} requested but CUDA is not available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"device(s)")
+    return dev
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
     """None/"auto": bfloat16 on CUDA, float32 elsewhere (CPU bf16 matmuls are slow)."""
     if isinstance(dtype, torch.dtype):
@@ -47,28 +86,77 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -
             raise CheckpointError(f"unsupported dtype {dtype}; supported: {', '.join(SUPPORTED_DTYPES)}")
         return dtype
     if dtype in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if _parse_device(device).type == "cuda" else torch.float32
     name = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(dtype, dtype)
     if name not in SUPPORTED_DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; supported: {', '.join(SUPPORTED_DTYPES)}")
     return SUPPORTED_DTYPES[name]
 
 
+# ---- files ----------------------------------------------------------------------------------------
+
+def _file_problem(p: Path) -> str | None:
+    """None if p is a regular file (through symlinks), else what it is instead: 'is missing', ..."""
+    try:
+        st = p.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if p.is_symlink():
+            return f"is a broken symlink (to {os.readlink(p)!r})"
+        return "is missing" if e.errno == errno.ENOENT else f"cannot be read ({e.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    return None if stat.S_ISREG(st.st_mode) else "is not a regular file"
+
+
+def _present(p: Path) -> bool:
+    """Something (a file, a folder, a symlink, even a broken one) has this name."""
+    return p.is_symlink() or p.exists()
+
+
+def _checked_file(p: Path) -> Path:
+    problem = _file_problem(p)
+    if problem is not None:
+        raise CheckpointError(f"{p} {problem}")
+    return p
+
+
+def _read_json_file(p: Path, what: str = "") -> Any:
+    try:
+        return json.loads(_checked_file(p).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is not valid JSON{what}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {p}: {e}") from None
+
+
+def _read_json_object(p: Path) -> dict[str, Any]:
+    doc = _read_json_file(p)
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{p} must hold a JSON object (key: value pairs), got a {type(doc).__name__}")
+    return doc
+
+
+def _checked_folder(path: Path, what: str = "checkpoint folder") -> Path:
+    if path.is_dir():
+        return path
+    problem = _file_problem(path)
+    if problem is None:
+        raise CheckpointError(f"{what} {str(path)!r} is not a folder")
+    if problem == "is missing":
+        raise CheckpointError(f"{what} {str(path)!r} does not exist")
+    raise CheckpointError(f"{what} {str(path)!r} {problem}")
+
+
 # ---- config ---------------------------------------------------------------------------------------
 
 def read_config(path: str | os.PathLike) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint folder {str(path)!r} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint path {str(path)!r} is not a folder")
+    path = _checked_folder(Path(path))
     cfg_file = path / "config.json"
-    if not cfg_file.is_file():
+    if not _present(cfg_file):
         raise CheckpointError(f"{str(path)!r} has no config.json (files: {_listing(path)})")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    return _read_json_object(cfg_file)
 
 
 def load_args(path: str | os.PathLike) -> ModelArgs:
@@ -178,23 +266,38 @@ class _Header:
 
 def _weight_files(path: Path) -> list[Path]:
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index (need a 'weight_map'): {e}") from None
-        shards = sorted(set(wm.values()))
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: shard files named in model.safetensors.index.json are missing: "
-                                  f"{', '.join(missing)}")
-        return [path / s for s in shards]
-    if single.is_file():
-        return [single]
+    if _present(index):
+        return [path / s for s in _shard_names(path, index)]
+    if _present(single):
+        return [_checked_file(single)]
     other = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf")]
     hint = f" (found {', '.join(sorted(other))}: only safetensors checkpoints are supported)" if other else ""
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}; "
                           f"files: {_listing(path)}")
+
+
+def _shard_names(path: Path, index: Path) -> list[str]:
+    """The shard files model.safetensors.index.json names: relative paths inside the folder, present."""
+    doc = _read_json_file(index, " (a safetensors index)")
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict):
+        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names (a JSON object), "
+                              f"got {type(wm).__name__ if wm is not None else 'none'}")
+    bad = [f"{k!r}: {v!r}" for k, v in wm.items() if not isinstance(v, str) or not v]
+    if bad:
+        raise CheckpointError(f"{index}: 'weight_map' values must be shard file names, got {', '.join(bad[:4])}")
+    shards = sorted(set(wm.values()))
+    outside = [s for s in shards if os.path.isabs(s) or os.path.normpath(s).split(os.sep)[0] == os.pardir]
+    if outside:
+        raise CheckpointError(f"{index}: shard paths must stay inside the checkpoint folder, got "
+                              f"{', '.join(map(repr, outside))}")
+    missing = [s for s in shards if not _present(path / s)]
+    if missing:
+        raise CheckpointError(f"{path}: shard files named in model.safetensors.index.json are missing: "
+                              f"{', '.join(missing)}")
+    for s in shards:
+        _checked_file(path / s)
+    return shards
 
 
 def read_headers(files: Iterable[Path]) -> dict[str, _Header]:
@@ -261,22 +364,69 @@ def param_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     return m.num_parameters() * torch.empty((), dtype=dtype).element_size()
 
 
-def check_device_memory(nbytes: int, device: torch.device | str, what: str) -> None:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return
-    if not torch.cuda.is_available():
-        raise CheckpointError(f"{what}: device {device} requested but CUDA is not available")
-    free, total = torch.cuda.mem_get_info(device)
-    if nbytes > free:
-        raise CheckpointError(f"{what}: needs {nbytes / 2**30:.1f} GiB of weights but {device} has only "
-                              f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB")
+# ---- host resources ---------------------------------------------------------------------------------
 
+GiB = 2**30
+SMALL_MODEL_PARAMS = 100_000_000       # below this, one CPU thread is as fast as many (and immune to a busy core)
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name == field:
+                    return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_memory(device: torch.device | str) -> tuple[int, int] | None:
+    """(available, total) bytes on `device`: free GPU memory, or the host's MemAvailable / MemTotal for the
+    CPU; None where unknown (the meta device, a host without /proc/meminfo)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device} requested but CUDA is not available")
+        return torch.cuda.mem_get_info(device)
+    if device.type == "cpu":
+        avail, total = _meminfo_bytes("MemAvailable"), _meminfo_bytes("MemTotal")
+        return (avail, total) if avail is not None and total is not None else None
+    return None
+
+
+def check_device_memory(nbytes: int, device: torch.device | str, what: str, detail: str = "weights") -> None:
+    """Raise NotEnoughMemoryError if nbytes (of `detail`) exceed what `device` has available."""
+    device = torch.device(device)
+    try:
+        mem = available_memory(device)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    if mem is None or nbytes <= mem[0]:
+        return
+    free, total = mem
+    kind = "free" if device.type == "cuda" else "available (MemAvailable)"
+    raise NotEnoughMemoryError(f"{what}: needs {nbytes / GiB:.1f} GiB of {detail} but {device} has only "
+                               f"{free / GiB:.1f} GiB {kind} of {total / GiB:.1f} GiB")
+
+
+def default_cpu_threads(n_params: int) -> int:
+    """torch threads for a model of n_params parameters on the CPU: 1 for small models (their matmuls are
+    too small to split, and OpenMP threads spin-wait when another process holds a core), else torch's
+    default (the machine's cores)."""
+    return 1 if n_params < SMALL_MODEL_PARAMS else torch.get_num_threads()
+
+
+# ---- loading ----------------------------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: str | torch.dtype | None = None) -> Transformer:
-    """Checkpoint folder -> eval-mode Transformer on `device` in `dtype` (None: bf16 on CUDA, fp32 on CPU)."""
+               dtype: str | torch.dtype | None = None, check_finite: bool = False) -> Transformer:
+    """Checkpoint folder -> eval-mode Transformer on `device` in `dtype` (None: bf16 on CUDA, fp32 on CPU).
+    device "meta": every check, then the shapes only (no tensor is read). check_finite: refuse NaN / Inf
+    weights (one more pass over each tensor while it is copied)."""
     path = Path(path)
+    device = resolve_device(device)
     tdtype = resolve_dtype(dtype, device)
     args = load_args(path)
     headers = read_headers(_weight_files(path))
@@ -284,11 +434,14 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     check_device_memory(param_bytes(args, tdtype), device, str(path))
 
     model = empty_model(args, device, tdtype)
+    if device.type == "meta":
+        return model
     params = dict(model.named_parameters())
     filled: dict[str, int] = {}
     by_file: dict[Path, list[Piece]] = {}
     for p in plan:
         by_file.setdefault(headers[p.key].file, []).append(p)
+    not_finite: list[str] = []
     from safetensors import safe_open
     with torch.no_grad():
         for fp, pieces in by_file.items():
@@ -296,8 +449,13 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
                 for p in pieces:
                     dst = params[p.param]
                     view = dst[p.index] if p.index else dst
-                    view.copy_(f.get_tensor(p.key))
+                    src = f.get_tensor(p.key)
+                    if check_finite and not bool(torch.isfinite(src).all()):
+                        not_finite.append(p.key)
+                    view.copy_(src)
                     filled[p.param] = filled.get(p.param, 0) + view.numel()
+    if not_finite:
+        raise CheckpointError(f"{path}: tensors with NaN or Inf values: {_names(not_finite)}")
     unfilled = [n for n, t in params.items() if filled.get(n, 0) != t.numel()]
     if unfilled:  # a bug in weight_plan, not a user error
         raise AssertionError(f"weight plan left parameters (partly) unfilled: {unfilled}")
@@ -354,17 +512,22 @@ class Tokenizer:
     tokenizer.json is read with the `tokenizers` library (the file transformers' fast tokenizers use);
     folders without one fall back to transformers' AutoTokenizer with local_files_only=True.
     eos_token_ids: union of generation_config.json / config.json eos ids and the tokenizer's eos token.
+    A file that is present but unreadable (bad JSON, a non-integer eos id) is an error, never skipped.
     """
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
         self.path = path
-        tcfg = _read_json(path / "tokenizer_config.json")
+        tcfg = _optional_json(path / "tokenizer_config.json")
         self._hf = None
         self._tok = None
-        if (path / "tokenizer.json").is_file():
+        if _present(path / "tokenizer.json"):
             from tokenizers import Tokenizer as _Tok
-            self._tok = _Tok.from_file(str(path / "tokenizer.json"))
+            tj = _checked_file(path / "tokenizer.json")
+            try:
+                self._tok = _Tok.from_file(str(tj))
+            except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+                raise CheckpointError(f"{tj} is not a valid tokenizer file: {e}") from None
         else:
             try:
                 from transformers import AutoTokenizer
@@ -376,9 +539,8 @@ class Tokenizer:
             except Exception as e:
                 raise CheckpointError(f"{path}: cannot load a tokenizer from the folder's files: {e}") from None
         eos: set[int] = set()
-        for src in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):
-            e = src.get("eos_token_id")
-            eos.update(int(x) for x in (e if isinstance(e, list) else [e]) if x is not None)
+        for name in ("generation_config.json", "config.json"):
+            eos.update(_token_ids(_optional_json(path / name), "eos_token_id", path / name))
         tok_eos = _token_str(tcfg.get("eos_token"))
         if tok_eos is not None and self.token_to_id(tok_eos) is not None:
             eos.add(self.token_to_id(tok_eos))
@@ -407,12 +569,25 @@ class Tokenizer:
             return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_continuation(self, prompt: Iterable[int], ids: Iterable[int]) -> str:
+        """The text `ids` add after `prompt`: decode(prompt + ids) past the text decode(prompt) gives, so
+        that word boundaries survive (decoders that join words with spaces, or merge bytes, across tokens)."""
+        prompt = list(prompt)
+        head, full = self.decode(prompt), self.decode(prompt + list(ids))
+        return full[len(os.path.commonprefix([head, full])):]
 
-def _read_json(p: Path) -> dict[str, Any]:
+
+def _optional_json(p: Path) -> dict[str, Any]:
+    """A JSON object file that may be absent ({}); present, it must parse as an object."""
+    return _read_json_object(p) if _present(p) else {}
+
+
+def _token_ids(doc: dict[str, Any], key: str, where: Path) -> set[int]:
+    """doc[key]: a token id, a list of them, or absent/null -> the ids."""
     try:
-        return json.loads(p.read_text()) if p.is_file() else {}
-    except json.JSONDecodeError:
-        return {}
+        return set(token_ids(doc.get(key), key))
+    except UnsupportedModelError as e:
+        raise CheckpointError(f"{where}: {e}") from None
 
 
 def _token_str(t: Any) -> str | None:
@@ -422,14 +597,14 @@ def _token_str(t: Any) -> str | None:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"tokenizer folder {str(path)!r} does not exist")
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json",
-                                             "tokenizer_config.json")):
+    path = _checked_folder(Path(path), "tokenizer folder")
+    if not any(_present(path / n) for n in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                            "tokenizer_config.json")):
         raise CheckpointError(f"{path}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json)")
     return Tokenizer(path)
 
 
 __all__ = ["load_model", "load_args", "load_tokenizer", "Tokenizer", "save_checkpoint", "hf_state_dict",
-           "weight_plan", "CheckpointError", "SUPPORTED_ARCHITECTURES", "resolve_dtype", "empty_model"]
+           "weight_plan", "CheckpointError", "NotEnoughMemoryError", "SUPPORTED_ARCHITECTURES", "resolve_device",
+           "resolve_dtype",
+           "empty_model", "param_bytes", "available_memory", "check_device_memory", "default_cpu_threads"]

@@ -10,6 +10,10 @@ G = a chain verify), ctx committed tokens already in the cache (fixed, `ctx`), V
               reject  greedy acceptance + KV compaction of a chain:4 tree with random logits at batch bs
     fit     = perf_model.fit on the points not held out (every `holdout_every`-th point is held out), MAPE
               reported on both sets; the saved profile is refitted on every point.
+    noisy   = the points whose repeated runs disagree: spread = (max - min) / median > NOISY_SPREAD, the
+              fastest and the slowest run left out from 5 runs on (one stray run is common even on a quiet
+              machine). Over NOISY_SHARE of the points noisy (a busy machine, oversubscribed threads: MAPE
+              then reaches 30-60% on the tiny model instead of 2-6%) -> PlanResult.unreliable: a warning.
 Times are host wall-clock (time.perf_counter) around a device synchronize: this is a measurement tool, not
 the decode loop. Needs scipy (fit).
 """
@@ -36,7 +40,14 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def _median_time(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int) -> float:
+# repeated runs of one point disagreeing by more than this (spread) make the point "noisy"; more than
+# NOISY_SHARE of the points noisy make the whole measurement unreliable
+NOISY_SPREAD = 0.3
+NOISY_SHARE = 0.25
+
+
+def _time_runs(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` timed runs of fn (after `warmup` untimed ones), sorted."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -46,8 +57,19 @@ def _median_time(fn: Callable[[], None], dev: torch.device, warmup: int, repeats
         fn()
         _sync(dev)
         ts.append(time.perf_counter() - t0)
-    ts.sort()
+    return sorted(ts)
+
+
+def median(ts: Sequence[float]) -> float:
+    """The median of sorted run times (the upper one of an even count), at least 1 ns."""
     return max(ts[len(ts) // 2], 1e-9)
+
+
+def spread(ts: Sequence[float]) -> float:
+    """(max - min) / median of sorted run times, without the fastest and the slowest from 5 runs on; 0 for
+    a single run."""
+    inner = ts[1:-1] if len(ts) >= 5 else ts
+    return (inner[-1] - inner[0]) / median(ts)
 
 
 class _Bench:
@@ -113,6 +135,12 @@ class PlanResult:
     mape_train: float
     mape_held_out: float | None
     skipped: list[str]
+    noisy: list[str]                         # "kind bs=.. n=..: spread %" of the points over NOISY_SPREAD
+
+    @property
+    def unreliable(self) -> bool:
+        """More than NOISY_SHARE of the points are noisy: the machine was busy (or threads oversubscribed)."""
+        return len(self.noisy) > NOISY_SHARE * len(self.points)
 
     def rows(self) -> list[dict]:
         pred = self.fit_train.profile.predict_points(self.points)
@@ -123,11 +151,13 @@ class PlanResult:
 
 
 def measure_points(target: Transformer, draft: Transformer | None, specs: Sequence[tuple], ctx: int = 16,
-                   warmup: int = 2, repeats: int = 5, seed: int = 0) -> tuple[list[pm.Point], list[str]]:
-    """Time every (kind, bs, n_tok, budget) spec -> (points, skipped descriptions)."""
+                   warmup: int = 2, repeats: int = 5,
+                   seed: int = 0) -> tuple[list[pm.Point], list[str], list[str]]:
+    """Time every (kind, bs, n_tok, budget) spec -> (points (median times), skipped descriptions, noisy
+    descriptions: the points whose runs spread over NOISY_SPREAD)."""
     dev = target.tok_embeddings.weight.device
     bench = _Bench(ctx, max(max(n for _, _, n, _ in specs), 5), seed)
-    points, skipped = [], []
+    points, skipped, noisy = [], [], []
     for kind, bs, n, budget in specs:
         if kind == "target":
             fn = bench.forward_fn(target, bs, n, budget)
@@ -140,8 +170,11 @@ def measure_points(target: Transformer, draft: Transformer | None, specs: Sequen
             fn = bench.reject_fn(target, bs)
         else:
             raise ValueError(f"plan point kind {kind!r} is not measured here")
-        points.append(pm.Point(kind, int(bs), _median_time(fn, dev, warmup, repeats), int(n), budget))
-    return points, skipped
+        ts = _time_runs(fn, dev, warmup, repeats)
+        points.append(pm.Point(kind, int(bs), median(ts), int(n), budget))
+        if spread(ts) > NOISY_SPREAD:
+            noisy.append(f"{kind} bs={bs} n={n}{'' if budget is None else f' B={budget}'}: {100 * spread(ts):.0f}%")
+    return points, skipped, noisy
 
 
 def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Sequence[int] = (1, 4, 8),
@@ -149,7 +182,7 @@ def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Se
          repeats: int = 5, holdout_every: int = 4, seed: int = 0, meta: dict | None = None) -> PlanResult:
     """Measure default_plan(max_bs, n_toks, budgets), fit on the points not held out, refit on all."""
     specs = pm.default_plan(max_bs, n_toks, budgets)
-    points, skipped = measure_points(target, draft, specs, ctx, warmup, repeats, seed)
+    points, skipped, noisy = measure_points(target, draft, specs, ctx, warmup, repeats, seed)
     held = [holdout_every > 1 and i % holdout_every == holdout_every - 1 for i in range(len(points))]
     train = [p for p, h in zip(points, held) if not h]
     test = [p for p, h in zip(points, held) if h]
@@ -162,7 +195,7 @@ def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Se
                 points=[{"kind": p.kind, "bs": p.bs, "n_tok": p.n_tok, "budget": p.budget, "time_s": p.time_s}
                         for p in points])
     full = pm.fit(points, E, K, RP, meta=meta)
-    return PlanResult(points, held, ft, full.profile, ft.mape_pct, mt, skipped)
+    return PlanResult(points, held, ft, full.profile, ft.mape_pct, mt, skipped, noisy)
 
 
 def plot(res: PlanResult, path: str) -> bool:
