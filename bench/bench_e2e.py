@@ -18,8 +18,8 @@ Per batch size (default 1, 2, 4, 8, 16, 32, 64), greedy, no stop tokens (every r
 Drafters:
   controlled    (random-weight presets, e.g. qwen3-30b-a3b) CONTROLLED ACCEPTANCE: bench/controlled.py ControlledDrafter
                 proposes the target's own greedy continuation (recorded from the AR run over the same prompts,
-                a few tokens longer) kept with probability alpha per token (--alphas, default 0.6,0.8,0.9), else
-                a random token; its COST is a real dense draft model's forward per tree level: a random-weight
+                a few tokens longer, then made to follow each cell's own output: follow_output, --follow-runs)
+                kept with probability alpha per token (--alphas, default 0.6,0.8,0.9), else a random token; its COST is a real dense draft model's forward per tree level: a random-weight
                 Qwen3-0.6B-shaped model (h=1024, 28 layers; --draft-layers) with its own KV cache, whose logits
                 are discarded. Random weights make real drafting meaningless, so acceptance is set, not earned.
                 Lossy cells (budgets, auto with budget candidates) run at --budget-alphas only (default 0.8):
@@ -219,6 +219,31 @@ def divergence(tokens, ref) -> tuple[bool, float]:
     return tokens == ref, round(same / max(1, sum(len(y) for y in ref)), 4)
 
 
+def follow_output(run, drafter, prompts, references, n: int, iters: int) -> int:
+    """Controlled acceptance made honest: the reference the drafter proposes from becomes the cell's own
+    committed output. The AR reference goes stale where this cell's verification rounds differently from
+    the AR decode step (bf16: a different batch of tokens per forward) and picks another token; from there
+    on the request's drafts would be random. So run the cell, and where its output left the reference,
+    make that output the reference and run again (the same seed gives the same drafts up to the first
+    change, so the first divergence only moves later) until a run follows its reference, at most `iters`
+    runs. Returns the runs made (the first is also the cell's warm-up and graph capture)."""
+    for i in range(1, iters + 1):
+        drafter.set_references(references)
+        out = run().tokens
+        new = [list(p) + list(o) + list(r[len(p) + len(o):]) for p, o, r in zip(prompts, out, references)]
+        if new == references:
+            return i
+        references = new
+    drafter.set_references(references)
+    return iters
+
+
+def reference_followed(res, drafter, prompts) -> float:
+    """Fraction of this run's committed tokens before its first departure from the drafter's reference."""
+    refs = [r[len(p):len(p) + len(o)] for p, o, r in zip(prompts, res.tokens, drafter.refs)]
+    return divergence(res.tokens, refs)[1]
+
+
 def timed_runs(fn, repeats: int, dev: torch.device):
     """Run fn `repeats` times -> (result with the median decode time, list of decode seconds)."""
     res = []
@@ -374,7 +399,11 @@ def parse_args(argv=None):
                          "is not controlled (see the module docstring)")
     ap.add_argument("--auto-test-steps", type=int, default=2, help="controller test steps per candidate")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median decode time)")
-    ap.add_argument("--warmup-tokens", type=int, default=8, help="short untimed run per (bs, setting); 0 = none")
+    ap.add_argument("--warmup-tokens", type=int, default=8, help="short untimed run per (bs, setting); 0 = none "
+                    "(controlled drafter: the reference-following runs are the warm-up)")
+    ap.add_argument("--follow-runs", type=int, default=4,
+                    help="controlled drafter: untimed runs per cell that make the reference follow the cell's own "
+                         "output (honest acceptance under bf16 rounding; 0 = the AR reference as is)")
     ap.add_argument("--time-limit", type=float, default=460.0,
                     help="seconds; cells that would start later are skipped and recorded (0 = no limit)")
     ap.add_argument("--layers", type=int, default=None, help="random presets: override the target depth (smoke tests)")
@@ -525,10 +554,16 @@ def main(argv=None) -> int:
                 def run(n=N, eng=eng, ctl_factory=ctl_factory):
                     return eng.generate(prompts, n, controller=ctl_factory() if ctl_factory else None,
                                         budget_style=BudgetConfig(0, a.budget_policy))
-                if a.warmup_tokens > 0 and c.label not in warmed:
+                ref_runs = None
+                if drafter_kind == "controlled" and a.follow_runs > 0:
+                    ref_runs = follow_output(run, drafter, prompts, references, N, a.follow_runs)
+                elif a.warmup_tokens > 0 and c.label not in warmed:
                     run(min(N, a.warmup_tokens))
                     warmed.add(c.label)
                 res, times = timed_runs(run, a.repeats, dev)
+                if drafter_kind == "controlled":
+                    row.update(reference_runs=ref_runs, reference_followed=reference_followed(res, drafter, prompts))
+                    drafter.set_references(references)
                 s = res.summary()
                 same, frac = divergence(res.tokens, ref_tokens)
                 row.update(rates(res, bs))
@@ -559,7 +594,8 @@ def main(argv=None) -> int:
                 if c.lossless and not same:
                     mismatches.append(f"bs={bs} alpha={al} {c.label} (agree {frac:.3f})")
                 log(bar, f"bs={bs:>3} a={al} {c.label:40s} {row['decode_tokens_per_s']:9.1f} tok/s "
-                    f"x{row['speedup'] or 0:.3f} acc {s['accepted_per_step']:.2f} "
+                    f"x{row['speedup'] or 0:.3f} acc {s['accepted_per_step']:.2f} a_hat {row['alpha_hat']} "
+                    f"ref {row.get('reference_followed')} ({row.get('reference_runs')} runs) "
                     f"loaded {row['experts_loaded_mean']} verify {vms} ms"
                     f"{'' if same else ' DIFFERS from AR' + (' (lossy)' if not c.lossless else '')}")
             except Exception as e:
@@ -588,6 +624,7 @@ def main(argv=None) -> int:
         "target_parameters": target.num_parameters(), "experts": E, "top_k": K, "chains": chains, "tree": tree,
         "budgets": budgets, "budget_policy": a.budget_policy, "auto_candidates": auto,
         "auto_test_steps": a.auto_test_steps, "repeats": a.repeats, "warmup_tokens": a.warmup_tokens,
+        "follow_runs": a.follow_runs,
         "quick": a.quick, "build_s": round(build_s, 1), "total_s": total_s, "time_limit_s": a.time_limit,
         "threads": torch.get_num_threads(), "lossless_mismatches": mismatches,
         "notes": ("speedup = decode tokens/s / AR decode tokens/s (prefill excluded; tokens_per_s includes it); "
@@ -600,6 +637,7 @@ def main(argv=None) -> int:
     cols = [("bs", "bs", "d"), ("alpha", "alpha", ""), ("setting", "setting", ""),
             ("decode_tokens_per_s", "dec tok/s", ".1f"), ("speedup", "speedup", ".3f"),
             ("speedup_if_acceptance_kept", "sp@alpha", ".3f"), ("accepted_per_step", "acc/step", ".2f"), ("alpha_hat", "a_hat", ".2f"),
+            ("reference_followed", "ref", ".2f"),
             ("experts_loaded_mean", "loaded/L", ".1f"), ("experts_touched_mean", "touched/L", ".1f"),
             ("nodes_drafted_per_step", "drafted", ".1f"), ("nodes_verified_per_step", "verified", ".1f"),
             ("draft_ms_per_step", "draft ms", ".2f"), ("verify_ms_per_step", "verify ms", ".2f"),

@@ -1,49 +1,80 @@
 #!/usr/bin/env bash
-# One device call: build specmoe-ext for sm_90a, then the stages named on the command line, logging to
-# $OUT (the device tool brings $OUT back). Stages:
+# One device call: build specmoe-ext for sm_90a (or reuse a carried build), then the stages named on the
+# command line, inside one deadline. Logs and results go to a work folder that is packed into $OUT/all.tgz
+# after every stage (the device tool brings back at most 8 files), so a stage cut short still returns
+# what the others wrote. The built extension is copied to $OUT so a later call can carry it (SO=path).
+# Stages:
 #   tests      pytest -m gpu on the speculative / generation / acceptance files, then the rest of the suite
-#   sanitize   compute-sanitizer memcheck + racecheck on tests/sanitizer_workload.py
-#   e2e        bench/bench_e2e.py on qwen3-30b-a3b (E2E_ARGS) and the tiny pair
+#   sanitize   compute-sanitizer memcheck + racecheck on tests/sanitizer_workload.py (our kernels: kns=specmoe)
+#   kernels    bench_routing, bench_moe, bench_tree_attention (FlashInfer baseline when importable)
+#   e2e        bench/bench_e2e.py on qwen3-30b-a3b (E2E_ARGS), then the tiny pair when E2E_TINY is set
 #   decode     bench/bench_decode.py (DECODE_ARGS)          plan  specmoe plan on qwen3-30b-a3b
-#   accept     bench/bench_accept.py                        kernels  bench_routing, bench_moe (quick)
-# Usage (device tool): bash scripts/h200_run.sh tests sanitize
+#   accept     bench/bench_accept.py (ACCEPT_ARGS)
+# Usage (device tool): DEADLINE_S=560 bash scripts/h200_run.sh tests sanitize kernels
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+W=${WORK_DIR:-/tmp/h200_work}
+mkdir -p "$OUT" "$W"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/log"; }
+export FLASHINFER_WORKSPACE_BASE=${FLASHINFER_WORKSPACE_BASE:-/tmp/flashinfer}
+DAY=$(date +%F)
 t0=$SECONDS
-log "build"
-TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-python3 -c "import specmoe_ext, torch; print('kernels', specmoe_ext.cuda_kernels_available(), torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/log"
+END=$((t0 + ${DEADLINE_S:-560}))
+log() { echo "[$(date +%H:%M:%S) +$((SECONDS - t0))s] $*" | tee -a "$W/log"; }
+left() { local l=$((END - SECONDS)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }   # min(stage limit, time left)
+pack() { cp bench/results/*"$DAY"* "$W/" 2>/dev/null; tar czf "$OUT/all.tgz" -C "$W" . 2>/dev/null; }
+log "$(nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv,noheader) kernel $(uname -r)"
+if [ -n "${SO:-}" ] && [ -f "$SO" ]; then
+  cp "$SO" python/specmoe_ext/ && log "carried build $SO"
+else
+  log "build"
+  TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout "$(left 420)" python3 setup.py build_ext --inplace > "$W/build.log" 2>&1 \
+    || { tail -40 "$W/build.log"; pack; exit 1; }
+  cp python/specmoe_ext/_C*.so "$OUT/"
+fi
+python3 -c "import specmoe_ext, torch; print('kernels', specmoe_ext.cuda_kernels_available(), torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$W/log"
+pack
 for stage in "$@"; do
-  log "stage $stage ($((SECONDS - t0)) s)"
+  log "stage $stage"
+  [ "$(left 30)" -lt 30 ] && { log "skipped: deadline"; continue; }
   case $stage in
     tests)
-      first="tests/test_spec_engine.py tests/test_generate.py tests/test_accept_ops.py tests/test_host_reads.py"
-      timeout ${TESTS_FIRST_S:-300} python3 -m pytest -q -m gpu -p no:cacheprovider $first 2>&1 | tail -60 | tee -a "$OUT/tests_first.log"
+      first=${TESTS_FIRST:-tests/test_spec_engine.py tests/test_generate.py tests/test_accept_ops.py tests/test_host_reads.py}
+      timeout "$(left ${TESTS_FIRST_S:-300})" python3 -m pytest -q -m gpu -p no:cacheprovider $first > "$W/tests_first.log" 2>&1
+      tail -25 "$W/tests_first.log"
       rest=$(ls tests/test_*.py | grep -v -e test_spec_engine -e test_generate -e test_accept_ops -e test_host_reads)
-      timeout ${TESTS_REST_S:-300} python3 -m pytest -q -m gpu -p no:cacheprovider $rest 2>&1 | tail -40 | tee -a "$OUT/tests_rest.log" ;;
+      timeout "$(left ${TESTS_REST_S:-300})" python3 -m pytest -q -m gpu -p no:cacheprovider $rest > "$W/tests_rest.log" 2>&1
+      tail -25 "$W/tests_rest.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SAN_S:-200} compute-sanitizer --tool $tool --error-exitcode 9 \
-          python3 tests/sanitizer_workload.py > "$OUT/sanitizer_$tool.log" 2>&1
-        echo "$tool exit $?" | tee -a "$OUT/log"; tail -5 "$OUT/sanitizer_$tool.log" | tee -a "$OUT/log"
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left ${SAN_S:-200})" compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name kns=specmoe \
+          python3 tests/sanitizer_workload.py > "$W/sanitizer_$tool.log" 2>&1
+        log "$tool exit $?"; tail -4 "$W/sanitizer_$tool.log"
       done ;;
-    e2e)
-      timeout ${E2E_S:-330} python3 bench/bench_e2e.py --out-dir "$OUT" --no-progress ${E2E_ARGS:-} 2>&1 | tail -60 | tee -a "$OUT/e2e.log"
-      [ -n "${E2E_TINY:-}" ] && timeout 120 python3 bench/bench_e2e.py --preset tiny --out-dir "$OUT" --no-progress --batch-sizes 1,4,16 2>&1 | tail -30 | tee -a "$OUT/e2e_tiny.log" ;;
-    decode)
-      timeout ${DECODE_S:-200} python3 bench/bench_decode.py --out "$OUT/decode_h200_$(date +%F).json" ${DECODE_ARGS:-} 2>&1 | tail -20 | tee -a "$OUT/decode.log" ;;
-    plan)
-      timeout ${PLAN_S:-200} python3 -m specmoe_ext plan --preset qwen3-30b-a3b --budgets none,16,32 --ridge-point 206 \
-        --out "$OUT/plan_qwen3-30b-a3b_h200_$(date +%F).json" --plot "$OUT/plan_qwen3-30b-a3b_h200_$(date +%F).png" 2>&1 | tail -40 | tee -a "$OUT/plan.log" ;;
-    accept)
-      timeout ${ACCEPT_S:-150} python3 bench/bench_accept.py --out "$OUT" ${ACCEPT_ARGS:-} 2>&1 | tail -30 | tee -a "$OUT/accept.log" ;;
     kernels)
-      timeout 120 python3 bench/bench_routing.py --out "$OUT" 2>&1 | tail -15 | tee -a "$OUT/routing.log"
-      timeout 200 python3 bench/bench_moe.py --out "$OUT" ${MOE_ARGS:-} 2>&1 | tail -25 | tee -a "$OUT/moe.log" ;;
+      timeout "$(left 120)" python3 bench/bench_routing.py ${ROUTING_ARGS:-} > "$W/routing.log" 2>&1; tail -12 "$W/routing.log"
+      timeout "$(left 200)" python3 bench/bench_moe.py ${MOE_ARGS:-} > "$W/moe.log" 2>&1; tail -20 "$W/moe.log"
+      timeout "$(left 200)" python3 bench/bench_tree_attention.py ${ATTN_ARGS:-} > "$W/attn.log" 2>&1; tail -20 "$W/attn.log" ;;
+    e2e)
+      timeout "$(left ${E2E_S:-330})" python3 bench/bench_e2e.py --out-dir "$W" --no-progress ${E2E_ARGS:-} > "$W/e2e.log" 2>&1
+      tail -40 "$W/e2e.log"
+      if [ -n "${E2E_TINY:-}" ]; then
+        timeout "$(left 120)" python3 bench/bench_e2e.py --preset tiny --out-dir "$W" --no-progress --batch-sizes 1,4,16 > "$W/e2e_tiny.log" 2>&1
+        tail -20 "$W/e2e_tiny.log"
+      fi ;;
+    decode)
+      timeout "$(left ${DECODE_S:-200})" python3 bench/bench_decode.py --out "$W/decode_h200_$DAY.json" ${DECODE_ARGS:-} > "$W/decode.log" 2>&1
+      tail -20 "$W/decode.log" ;;
+    plan)
+      timeout "$(left ${PLAN_S:-200})" python3 -m specmoe_ext plan --preset qwen3-30b-a3b --budgets none,16,32 --ridge-point 206 \
+        --out "$W/plan_qwen3-30b-a3b_h200_$DAY.json" --plot "$W/plan_qwen3-30b-a3b_h200_$DAY.png" > "$W/plan.log" 2>&1
+      tail -30 "$W/plan.log" ;;
+    accept)
+      timeout "$(left ${ACCEPT_S:-150})" python3 bench/bench_accept.py --out "$W" ${ACCEPT_ARGS:-} > "$W/accept.log" 2>&1
+      tail -20 "$W/accept.log" ;;
+    *) log "unknown stage $stage" ;;
   esac
+  pack
 done
-cp bench/results/*"$(date +%F)"* "$OUT/" 2>/dev/null
-log "done ($((SECONDS - t0)) s)"
+log "done"
+pack

@@ -9,6 +9,8 @@ Hk kv heads, S cache capacity, d head dim.
 """
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -296,8 +298,13 @@ def test_gpu_one_seed_same_tokens_on_graph_eager_and_cpu(prompts, kind, tree, te
         runs[name] = SpecEngine(tt, make(kind, tt, dd, None), tree, cuda_graph=graph).generate(prompts, 32, sp)
     assert runs["graph"].tokens == runs["eager"].tokens == runs["cpu"].tokens
     assert runs["graph"].cuda_graph and not runs["eager"].cuda_graph
-    same = [(x, y) for x, y in zip(runs["graph"].steps, runs["eager"].steps) if x.batch == y.batch]
-    assert len(same) >= 5 and all(x.accepted == y.accepted and x.loaded == y.loaded for x, y in same)
+    # step by step while every request is live in both runs (afterwards the graph loop keeps finished rows
+    # in the batch until half have finished, so the batches, and the experts they load, differ)
+    same = list(itertools.takewhile(lambda p: p[0].batch == p[1].batch == len(prompts),
+                                    zip(runs["graph"].steps, runs["eager"].steps)))
+    diff = [(i, x.accepted, y.accepted, x.loaded, y.loaded) for i, (x, y) in enumerate(same)
+            if x.accepted != y.accepted or x.loaded != y.loaded]
+    assert len(same) >= 5 and not diff, diff
 
 
 @gpu
