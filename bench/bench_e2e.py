@@ -596,6 +596,7 @@ def main(argv=None) -> int:
                 log(bar, f"bs={bs:>3} a={al} {c.label:40s} {row['decode_tokens_per_s']:9.1f} tok/s "
                     f"x{row['speedup'] or 0:.3f} acc {s['accepted_per_step']:.2f} a_hat {row['alpha_hat']} "
                     f"ref {row.get('reference_followed')} ({row.get('reference_runs')} runs) "
+                    f"step {row['step_ms']} ms (draft {s['draft_ms_per_step']}) "
                     f"loaded {row['experts_loaded_mean']} verify {vms} ms"
                     f"{'' if same else ' DIFFERS from AR' + (' (lossy)' if not c.lossless else '')}")
             except Exception as e:
@@ -604,6 +605,8 @@ def main(argv=None) -> int:
                 free(dev)
             rows.append(row)
             bar.update(1)
+            # what is measured so far survives a run cut short (rewritten complete at the end)
+            write_results(f"e2e_{a.preset}", rows, {"partial": True, "preset": a.preset, "max_new_tokens": N})
         free(dev)
     bar.close()
     if drafter_kind == "controlled":

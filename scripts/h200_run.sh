@@ -7,6 +7,7 @@
 #   tests      pytest -m gpu on the speculative / generation / acceptance files, then the rest of the suite
 #   sanitize   compute-sanitizer memcheck + racecheck on tests/sanitizer_workload.py (our kernels: kns=specmoe)
 #   kernels    bench_routing, bench_moe, bench_tree_attention (FlashInfer baseline when importable)
+#   attention  bench_tree_attention alone (ATTN_ARGS)
 #   e2e        bench/bench_e2e.py on qwen3-30b-a3b (E2E_ARGS), then the tiny pair when E2E_TINY is set
 #   decode     bench/bench_decode.py (DECODE_ARGS)          plan  specmoe plan on qwen3-30b-a3b
 #   accept     bench/bench_accept.py (ACCEPT_ARGS)
@@ -42,7 +43,7 @@ for stage in "$@"; do
       first=${TESTS_FIRST:-tests/test_spec_engine.py tests/test_generate.py tests/test_accept_ops.py tests/test_host_reads.py}
       timeout "$(left ${TESTS_FIRST_S:-300})" python3 -m pytest -q -m gpu -p no:cacheprovider $first > "$W/tests_first.log" 2>&1
       tail -25 "$W/tests_first.log"
-      rest=$(ls tests/test_*.py | grep -v -e test_spec_engine -e test_generate -e test_accept_ops -e test_host_reads)
+      rest=${TESTS_REST:-$(ls tests/test_*.py | grep -v -e test_spec_engine -e test_generate -e test_accept_ops -e test_host_reads)}
       timeout "$(left ${TESTS_REST_S:-300})" python3 -m pytest -q -m gpu -p no:cacheprovider $rest > "$W/tests_rest.log" 2>&1
       tail -25 "$W/tests_rest.log" ;;
     sanitize)
@@ -55,6 +56,8 @@ for stage in "$@"; do
       timeout "$(left 120)" python3 bench/bench_routing.py ${ROUTING_ARGS:-} > "$W/routing.log" 2>&1; tail -12 "$W/routing.log"
       timeout "$(left 200)" python3 bench/bench_moe.py ${MOE_ARGS:-} > "$W/moe.log" 2>&1; tail -20 "$W/moe.log"
       timeout "$(left 200)" python3 bench/bench_tree_attention.py ${ATTN_ARGS:-} > "$W/attn.log" 2>&1; tail -20 "$W/attn.log" ;;
+    attention)
+      timeout "$(left 200)" python3 bench/bench_tree_attention.py ${ATTN_ARGS:-} > "$W/attn.log" 2>&1; tail -25 "$W/attn.log" ;;
     e2e)
       timeout "$(left ${E2E_S:-330})" python3 bench/bench_e2e.py --out-dir "$W" --no-progress ${E2E_ARGS:-} > "$W/e2e.log" 2>&1
       tail -40 "$W/e2e.log"
@@ -66,7 +69,7 @@ for stage in "$@"; do
       timeout "$(left ${DECODE_S:-200})" python3 bench/bench_decode.py --out "$W/decode_h200_$DAY.json" ${DECODE_ARGS:-} > "$W/decode.log" 2>&1
       tail -20 "$W/decode.log" ;;
     plan)
-      timeout "$(left ${PLAN_S:-200})" python3 -m specmoe_ext plan --preset qwen3-30b-a3b --budgets none,16,32 --ridge-point 206 \
+      timeout "$(left ${PLAN_S:-200})" python3 -m specmoe_ext plan --preset qwen3-30b-a3b --budgets ${PLAN_BUDGETS:-none,16,32} --ridge-point 206 \
         --out "$W/plan_qwen3-30b-a3b_h200_$DAY.json" --plot "$W/plan_qwen3-30b-a3b_h200_$DAY.png" > "$W/plan.log" 2>&1
       tail -30 "$W/plan.log" ;;
     accept)

@@ -29,7 +29,11 @@ from conftest import devices
 
 DTYPES = [torch.bfloat16, torch.float16]
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}    # u: rounding to x's dtype, relative
-TOL = {**{dt: 1.25 * u for dt, u in UNIT_ROUNDOFF.items()}, torch.float32: 1e-5}  # per token row, CPU and CUDA
+TOL = {**{dt: 1.25 * u for dt, u in UNIT_ROUNDOFF.items()}, torch.float32: 1e-5}  # per token row, CPU
+# CUDA: the gate/up products accumulate in another order than the reference's, so the activation's rounding
+# to x's dtype can land one unit apart (the CPU op shares the reference's order); measured on the H200 up to
+# 1.4u on 64-wide rows (test_cuda_grid, stream path), hence 2u.
+TOL_CUDA = {**{dt: 2.0 * u for dt, u in UNIT_ROUNDOFF.items()}, torch.float32: 1e-5}
 
 
 def make_moe(T, h, f, E, dtype, device, seed):
@@ -72,8 +76,8 @@ def row_rel_err(y, ref):
 
 
 def assert_rows_close(y, ref, dtype):
-    err = row_rel_err(y, ref)
-    assert err <= TOL[dtype], f"relative error {err:.2e} of a row > {TOL[dtype]:.1e}"
+    err, tol = row_rel_err(y, ref), (TOL_CUDA if y.is_cuda else TOL)[dtype]
+    assert err <= tol, f"relative error {err:.2e} of a row > {tol:.1e}"
 
 
 def check(x, w13, w2, routing, dtype, shared=None):
@@ -177,7 +181,7 @@ def test_deterministic_every_element_written_and_matches_cpu(path):
     rc = ops.route_budget(logits.cpu(), K, 24, policy="truncate")
     assert torch.equal(rc.ids, r.ids.cpu())
     yc = ops.fused_moe(x.cpu(), w13.cpu(), w2.cpu(), rc)
-    assert row_rel_err(a, yc) <= 2 * TOL[torch.bfloat16]   # both within TOL of the same exact value
+    assert row_rel_err(a, yc) <= TOL[torch.bfloat16] + TOL_CUDA[torch.bfloat16]   # each within its bound of the exact value
 
 
 @pytest.mark.gpu

@@ -24,7 +24,7 @@ def make_logits(T, E, dtype, device, seed):
 
 def assert_routing_equal(got, ref, check_weights_exact=False):
     """ids and grouping exactly, weights to float32 rounding (both sides compute in float32)."""
-    got = [t.cpu() for t in got]
+    got, ref = [t.cpu() for t in got], [t.cpu() for t in ref]
     names = ["weights", "ids", "kept_experts", "expert_counts", "expert_offsets", "sorted_pairs"]
     for name, g, r in zip(names, got, ref):
         assert g.shape == r.shape and g.dtype == r.dtype, (name, g.shape, r.shape, g.dtype, r.dtype)

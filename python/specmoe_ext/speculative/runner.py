@@ -144,10 +144,11 @@ class StepRunner:
         try:
             for _ in range(2):
                 e.graphs.append(self._capture_one(fn))
-        except RuntimeError as err:   # an op of this configuration cannot be captured: stay eager, say so
+        except Exception as err:      # an op of this configuration cannot be captured: stay eager, say so
             warnings.warn(f"speculative step could not be captured in a CUDA graph ({type(err).__name__}: "
                           f"{str(err)[:200]}); running it eagerly")
             e.graphs, e.eager = [], True
+            self.pool = None          # a capture that failed may leave its pool recording: later keys get a new one
             torch.cuda.synchronize(self.device)
         self.capture_s += time.perf_counter() - t0
 
@@ -155,15 +156,16 @@ class StepRunner:
         """One capture of the step; phase events inside the graph need `external` events (if this torch
         cannot record them in a capture, the graph is captured without phase marks: step times only)."""
         if self.marks_in_graphs:
-            graph, marks = torch.cuda.CUDAGraph(), _EventMarks(external=True)
-            try:
-                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                    out = fn(marks.mark)
-                return graph, out, marks
-            except Exception as err:                      # TypeError (no `external`) or a capture error
+            try:            # probed outside the capture: a failure inside one would leave its pool recording
+                torch.cuda.Event(enable_timing=True, external=True)
+            except TypeError as err:                      # this torch has no external events: no phase marks
                 warnings.warn(f"CUDA graphs without phase events ({type(err).__name__}: {str(err)[:120]})")
                 self.marks_in_graphs = False
-                torch.cuda.synchronize(self.device)
+        if self.marks_in_graphs:
+            graph, marks = torch.cuda.CUDAGraph(), _EventMarks(external=True)
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                out = fn(marks.mark)
+            return graph, out, marks
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = fn(lambda name: None)
