@@ -30,6 +30,11 @@ def test_plan_writes_a_loadable_profile(capsys, tmp_path):
     assert (prof.E, prof.K, prof.RP) == (8, 2, 10.0)
     assert prof.meta["model"] == "tiny" and len(prof.meta["points"]) == 9
     assert prof.t_ar(1) > 0 and prof.predict_speedup(1, 2, 0.8) > 0
+    # the measured activation rate, which adaptive verification warm-starts from
+    from specmoe_ext.speculative.adaptive import AdaptiveVerifier
+    rho = prof.meta["rho_eff"]
+    assert 0 < rho <= 1 and prof.meta["rho_uniform"] == 2 / 8
+    assert AdaptiveVerifier(prof, "cpu").rho0 == rho
     # the profile warm-starts --spec auto
     assert main(["generate", "--device", "cpu", "--no-progress", "--json", "--max-new-tokens", "8", "--draft",
                  "model", "--spec", "auto", "--profile", str(out)]) == 0
@@ -103,3 +108,24 @@ def test_plan_is_quiet_when_runs_agree(capsys, tmp_path, monkeypatch):
     assert main([*SMALL, "--repeats", "3", "--out", str(tmp_path / "p.json")]) == 0
     cap = capsys.readouterr()
     assert "warning" not in cap.err and "1 thread(s)" in cap.out
+
+
+def test_activation_rate_inverts_the_distinct_expert_count():
+    """rho_eff solves N = E (1 - (1 - rho)^t) per layer: a router that sends every token to the same K
+    experts has N = K at any t, so rho -> 1 - (1 - K/E)^(1/t); uniform random routing gives about K/E."""
+    import torch
+    from specmoe_ext.models import build_preset
+    from specmoe_ext.speculative.plan import _Bench
+    t = build_preset("tiny", "cpu", "float32")
+    E, K = t.args.n_experts, t.args.top_k
+    rho = _Bench(16, 4).activation_rate(t, 1, 4)
+    assert 0 < rho <= 1
+    for layer in t.layers:                    # constant router: experts 0..K-1 for every token
+        gate = getattr(layer.ffn, "gate", None)
+        if gate is not None:
+            with torch.no_grad():
+                gate.weight.zero_()
+                if getattr(gate, "bias", None) is not None:
+                    gate.bias.zero_()
+    one = _Bench(16, 4).activation_rate(t, 1, 4)
+    assert one == pytest.approx(1 - (1 - K / E) ** (1 / 4), rel=1e-6)

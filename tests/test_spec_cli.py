@@ -123,3 +123,26 @@ def test_every_drafter_kind_runs_from_the_cli(capsys, tmp_path):
     for draft in ("model", f"model:{PRESETS['tiny'].draft_path}", "self", "ngram:3", f"eagle:{head}"):
         sp = _json(capsys, *BASE, "--draft", draft)
         assert [o["tokens"] for o in sp["outputs"]] == [o["tokens"] for o in ar["outputs"]], draft
+
+
+def test_verify_adaptive_from_the_cli(capsys, tmp_path):
+    """--verify adaptive --profile P: lossless (same tokens as full verification), the JSON says which mode
+    ran, how many nodes were drafted vs verified, and the calibration table; without --profile, or without a
+    drafter, a clear error."""
+    import math
+    from specmoe_ext.speculative.perf_model import PerfProfile
+    prof = tmp_path / "profile.json"    # a verify cost of 1 ms + 0.3 ms per token: deep nodes rarely pay
+    PerfProfile(8, 2, 1e-9, dict(bias=1e-3 - 3e-4, k1=3e-4, k2=0.0, k3=0.0, s=math.e, lam=0.2, draft_bias=0.0,
+                                 draft_k=0.0, reject_bias=0.0, reject_k=0.0)).to_json(str(prof))
+    tree = ["--draft", "model", "--tree", "dynamic:topk=3,depth=4,tokens=12"]
+    full = _json(capsys, *BASE, *tree)
+    ad = _json(capsys, *BASE, *tree, "--verify", "adaptive", "--profile", str(prof))
+    assert [o["tokens"] for o in ad["outputs"]] == [o["tokens"] for o in full["outputs"]]
+    s = ad["speculative"]
+    assert s["verify"] == "adaptive" and full["speculative"]["verify"] == "full"
+    assert s["nodes_verified_per_step"] < s["nodes_drafted_per_step"]
+    assert s["calibration"]["buckets"]
+    with pytest.raises(SystemExit, match="--verify adaptive needs --profile"):
+        main([*BASE, *tree, "--verify", "adaptive", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--verify apply to speculative decoding"):
+        main([*BASE, "--verify", "adaptive", "--profile", str(prof), "--device", "cpu"])

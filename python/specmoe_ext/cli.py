@@ -161,9 +161,14 @@ def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget
                             "always included)")
         g.add_argument("--spec-test-steps", type=int, default=4, metavar="N",
                        help="--spec auto: steps each candidate runs per test phase")
+        g.add_argument("--verify", default="full", choices=["full", "adaptive"],
+                       help="full: verify every drafted node; adaptive: each step verifies only the cost-effective "
+                            "prefix of each tree (lossless; needs --profile; not yet measured to pay on a GPU, "
+                            "hence not the default)")
         g.add_argument("--profile", metavar="FILE",
-                       help="--spec auto: a `specmoe plan` profile JSON: candidates predicted below 0.9x "
-                            "autoregressive are pruned, the rest tested best-first")
+                       help="a `specmoe plan` profile JSON: the cost model of --verify adaptive, and for "
+                            "--spec auto the warm start (candidates predicted below 0.9x autoregressive are "
+                            "pruned, the rest tested best-first)")
         g.add_argument("--profile-alpha", type=float, default=0.7, metavar="A",
                        help="--profile: per-token acceptance rate assumed by the warm start")
 
@@ -387,9 +392,20 @@ def _spec_engine(a: argparse.Namespace, target, src: _Source, dtype, cmd: str, b
         spec = TreeSpec.parse(tree or a.tree)
         bcfg = _budget(budget, target.args, **_budget_style(a)) if budget else None
         drafter = make_drafter(a.draft, target, default_draft_dir=src.draft_dir, target_dir=src.path, dtype=dtype)
-        return SpecEngine(target, drafter, spec, bcfg, a.accept, cuda_graph=not getattr(a, "no_cuda_graph", False))
+        verify = getattr(a, "verify", "full")
+        profile = _load_profile(a, cmd) if verify == "adaptive" else None
+        return SpecEngine(target, drafter, spec, bcfg, a.accept, cuda_graph=not getattr(a, "no_cuda_graph", False),
+                          verify=verify, profile=profile)
     except ValueError as e:                           # CheckpointError, TreeSpecError, DraftVocabError, ...
         _fail(cmd, e)
+
+
+def _load_profile(a: argparse.Namespace, cmd: str):
+    from .speculative.perf_model import PerfProfile
+    try:
+        return PerfProfile.from_json(a.profile)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        _fail(cmd, f"--profile {a.profile}: {e}")
 
 
 def _check_auto_flags(a: argparse.Namespace) -> None:
@@ -408,7 +424,6 @@ def _spec_controller(a: argparse.Namespace, target, src: _Source, dtype, bs: int
     """--spec auto: (engine over the longest candidate chain, CascadeController, budget style)."""
     from .speculative import BudgetConfig
     from .speculative.controller import CascadeController, parse_candidates
-    from .speculative.perf_model import PerfProfile
     try:
         cands = parse_candidates(a.spec_candidates)
         for c in cands:
@@ -422,11 +437,7 @@ def _spec_controller(a: argparse.Namespace, target, src: _Source, dtype, bs: int
     engine = _spec_engine(a, target, src, dtype, "generate", None, tree=f"chain:{kmax}")
     ctl = CascadeController(cands, test_steps=a.spec_test_steps)
     if a.profile:
-        try:
-            prof = PerfProfile.from_json(a.profile)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            _fail("generate", f"--profile {a.profile}: {e}")
-        ctl.warm_start(prof, bs=bs, alpha=a.profile_alpha)
+        ctl.warm_start(_load_profile(a, "generate"), bs=bs, alpha=a.profile_alpha)
     style = BudgetConfig(0, **_budget_style(a))
     return engine, ctl, style
 
@@ -460,14 +471,19 @@ def _check_generate_flags(a: argparse.Namespace):
         used = [f for f, v in (("--budget", a.budget), ("--no-protect-root", a.no_protect_root),
                                ("--profile", a.profile)) if v]
         used += [f for f, v, d in (("--tree", a.tree, DEFAULT_TREE), ("--accept", a.accept, "auto"),
+                                    ("--verify", a.verify, "full"),
                                     ("--spec", a.spec, "fixed"), ("--spec-candidates", a.spec_candidates,
                                                                   DEFAULT_CANDIDATES),
                                     ("--budget-policy", a.budget_policy, "substitute"),
                                     ("--budget-weights", a.budget_weights, "uniform")) if v != d]
         if used:
             _fail("generate", f"{', '.join(used)} apply to speculative decoding: add --draft")
+    if a.verify == "adaptive" and not a.profile:
+        _fail("generate", "--verify adaptive needs --profile: the cost profile `specmoe plan` measures for this "
+                          "model and device")
     if a.spec == "fixed":
-        ignored = [f for f, v in (("--profile", a.profile), ("--spec-candidates", a.spec_candidates != DEFAULT_CANDIDATES),
+        ignored = [f for f, v in (("--profile", a.profile and a.verify != "adaptive"),
+                                  ("--spec-candidates", a.spec_candidates != DEFAULT_CANDIDATES),
                                   ("--spec-test-steps", a.spec_test_steps != 4),
                                   ("--profile-alpha", a.profile_alpha != 0.7)) if v]
         if ignored:

@@ -104,6 +104,21 @@ class _Bench:
             model(toks, geo, c, moe)                     # writes past ctx only: the committed prefix is untouched
         return fn
 
+    @torch.no_grad()
+    def activation_rate(self, model: Transformer, bs: int, n: int) -> float:
+        """rho_eff of one forward of bs x n tokens: the per-token expert activation rate that explains the
+        distinct experts it touched per layer, N = E (1 - (1 - rho)^t) with t = bs * n, solved per layer and
+        averaged in log(1 - N/E) (what adaptive verification estimates online, and warm-starts from)."""
+        from ..models.model import ExpertStats
+        c = self.cache(model, bs)
+        c.set_lengths([self.ctx] * bs)
+        toks = torch.randint(0, model.args.vocab_size, (bs, n), generator=self.gen).to(c.device)
+        stats = ExpertStats()
+        model(toks, c.append(n), c, MoEControl(stats=stats))
+        E, t = model.args.n_experts, bs * n
+        frac = (stats.touched().double() / E).clamp(max=1 - 1e-9)
+        return float(1 - torch.exp(torch.log1p(-frac).mean() / t))
+
     def reject_fn(self, model: Transformer, bs: int, G: int = 4) -> Callable[[], None]:
         """Greedy acceptance + KV compaction of a chain:G tree (the verifier's ops) at batch bs."""
         from .. import ops
@@ -183,6 +198,8 @@ def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Se
     """Measure default_plan(max_bs, n_toks, budgets), fit on the points not held out, refit on all."""
     specs = pm.default_plan(max_bs, n_toks, budgets)
     points, skipped, noisy = measure_points(target, draft, specs, ctx, warmup, repeats, seed)
+    n_rho = min(4, max(n_toks))          # a small forward: the rate is best identified before N(t) saturates
+    rho = _Bench(ctx, n_rho, seed).activation_rate(target, 1, n_rho) if target.args.n_experts else None
     held = [holdout_every > 1 and i % holdout_every == holdout_every - 1 for i in range(len(points))]
     train = [p for p, h in zip(points, held) if not h]
     test = [p for p, h in zip(points, held) if h]
@@ -192,6 +209,7 @@ def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Se
     ft = pm.fit(train, E, K, RP)
     mt = pm.mape(ft.profile.predict_points(test), [p.time_s for p in test]) if test else None
     meta = dict(meta or {}, held_out_mape_pct=mt, train_mape_pct=ft.mape_pct, ctx=ctx, repeats=repeats,
+                rho_eff=round(rho, 6), rho_uniform=K / E, rho_tokens=n_rho,
                 points=[{"kind": p.kind, "bs": p.bs, "n_tok": p.n_tok, "budget": p.budget, "time_s": p.time_s}
                         for p in points])
     full = pm.fit(points, E, K, RP, meta=meta)
