@@ -71,7 +71,8 @@ def test_models_listing(capsys):
     assert main(["models", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     names = [p["name"] for p in out["presets"]]
-    assert names == ["tiny", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen2-57b-a14b", "mixtral-8x7b"]
+    assert names == ["tiny", "qwen3-30b-a3b", "olmoe-1b-7b", "qwen2-57b-a14b", "mixtral-8x7b", "gpt-oss-20b",
+                     "deepseek-v2-lite", "deepseek-v3-lite"]
     assert "OlmoeForCausalLM" in out["architectures"]
 
 

@@ -128,3 +128,24 @@ def test_one_host_read_per_step_with_adaptive_verification(tiny, temperature):
     steps = len(res.steps)
     assert res.summary()["nodes_verified_per_step"] < res.summary()["nodes_drafted_per_step"]
     assert counts == collections.Counter(tolist=steps), (dict(counts), steps)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("tree", ["chain:3", "static:2,2,1", "dynamic:topk=3,depth=3,tokens=8"])
+def test_one_host_read_per_step_with_the_mtp_drafter(tree, temperature):
+    """The MTP drafter (a DeepSeek-V3 target with an MTP layer: MLA, grouped routing, the latent caches) adds
+    no host read: drafting, the commit of the step's pairs and the target step are device work only."""
+    from test_families_new import family_checkpoint, prompts
+    from specmoe_ext.models import load_model
+    from specmoe_ext.speculative.mtp import MTPDrafter
+    target = load_model(family_checkpoint("deepseek_v3+mtp")[0])
+    plist = prompts(seed=2)
+    eng = SpecEngine(target, MTPDrafter(target), tree)
+    stop = generate(target, plist, 12).tokens[0][3]
+    with counting_loop_reads() as counts:
+        res = eng.generate(plist, 12, SamplingParams(temperature=temperature, seed=1), stop_ids=[stop])
+    steps = len(res.steps)
+    assert steps >= 3
+    if temperature == 0:
+        assert res.finish_reasons[0] == "stop" and min(s.batch for s in res.steps) < 3
+    assert counts == collections.Counter(tolist=steps), (dict(counts), steps)

@@ -20,7 +20,9 @@ static cudaError_t dispatch_epl(const RouteParams& p, cudaStream_t stream) {
 
 cudaError_t launch_route(const RouteParams& p, cudaStream_t stream) {
   if (p.T < 0 || p.E < 1 || p.E > kMaxExperts || p.K < 1 || p.K > kMaxTopK || p.K > p.E ||
-      p.num_kept < p.K || p.num_kept > p.E)
+      p.num_kept < p.K || p.num_kept > p.E || p.n_group < 1 || p.n_group > kMaxGroups || p.E % p.n_group ||
+      p.topk_group < 1 || p.topk_group > p.n_group || p.topk_group * (p.E / p.n_group) < p.K ||
+      (p.n_group > 1 && p.group_scoring == GroupScoring::kTop2Sum && p.E / p.n_group < 2))
     return cudaErrorInvalidValue;
   switch (p.logits_dtype) {
     case DType::kFloat32: return dispatch_epl<float>(p, stream);

@@ -46,6 +46,11 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+// Inverse of order_key for the keys of non-NaN floats (-0 comes back as +0).
+__device__ __forceinline__ float from_order_key(uint32_t u) {
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+
 // P for one (clean) logit given the row's softmax stats (m: max, or 0 with no finite logit;
 // inv = 1 / sum of exp(x - m), or 0 when that sum is 0). One reciprocal per row, not a divide per
 // element: the CPU implementation computes the same expression.
@@ -105,14 +110,60 @@ __device__ __forceinline__ void row_probs(const RouteParams& p, const float (&x)
   for (int i = 0; i < EPL; ++i) P[i] *= inv;
 }
 
-// Selection keys of one row; experts >= E, and those `slot_of` marks as not kept, are unavailable.
+// Group of expert e (groups of E / n_group contiguous experts; 0 without grouping).
+__device__ __forceinline__ int group_of(const RouteParams& p, int e) {
+  return p.n_group > 1 ? e / (p.E / p.n_group) : 0;
+}
+
+// The token's group mask (routing.h): bit g set for its topk_group best groups; 1 (group 0) without
+// grouping. Group g's score: the best (kMax) or best + second best (kTop2Sum) value of g[e] = P + bias
+// (bias given) or P over its experts, a NaN sum counting as -inf; ranked by (score, lower index).
 template <int EPL>
-__device__ __forceinline__ void make_keys(const RouteParams& p, int lane, const float (&x)[EPL],
-                                          const float (&P)[EPL], uint32_t (&key)[EPL]) {
+__device__ __forceinline__ uint32_t token_group_mask(const RouteParams& p, int lane, const float (&P)[EPL]) {
+  if (p.n_group <= 1) return 1u;
+  uint32_t gv[EPL];
+  int gid[EPL];
 #pragma unroll
   for (int i = 0; i < EPL; ++i) {
     const int e = lane + 32 * i;
-    const bool ok = e < p.E;
+    gv[i] = e < p.E ? order_key(p.bias ? clean_key(P[i] + p.bias[e]) : P[i]) : kUnavailable;
+    gid[i] = e < p.E ? group_of(p, e) : -1;
+  }
+  float mine = -INFINITY;
+  for (int g = 0; g < p.n_group; ++g) {
+    uint32_t l1 = kUnavailable, l2 = kUnavailable;  // this lane's best two keys in group g
+#pragma unroll
+    for (int i = 0; i < EPL; ++i)
+      if (gid[i] == g) {
+        if (gv[i] > l1) { l2 = l1; l1 = gv[i]; }
+        else if (gv[i] > l2) { l2 = gv[i]; }
+      }
+    const uint32_t m1 = __reduce_max_sync(kFull, l1);
+    float score = from_order_key(m1);
+    if (p.group_scoring == GroupScoring::kTop2Sum) {
+      // the second best: the best once one instance of m1 (the lowest lane holding it) is removed
+      const int owner = __ffs(__ballot_sync(kFull, l1 == m1)) - 1;
+      const uint32_t m2 = __reduce_max_sync(kFull, lane == owner ? l2 : l1);
+      score = score + from_order_key(m2);
+    }
+    if (lane == g) mine = clean_group_score(score);
+  }
+  int rank = 0;  // groups ranked before lane's group g
+  for (int q = 0; q < p.n_group; ++q) {
+    const float sq = __shfl_sync(kFull, mine, q);
+    rank += (sq > mine) || (sq == mine && q < lane);
+  }
+  return __ballot_sync(kFull, lane < p.n_group && rank < p.topk_group);
+}
+
+// Selection keys of one row; experts >= E, and those outside the token's groups (gmask), are unavailable.
+template <int EPL>
+__device__ __forceinline__ void make_keys(const RouteParams& p, int lane, const float (&x)[EPL],
+                                          const float (&P)[EPL], uint32_t gmask, uint32_t (&key)[EPL]) {
+#pragma unroll
+  for (int i = 0; i < EPL; ++i) {
+    const int e = lane + 32 * i;
+    const bool ok = e < p.E && ((gmask >> group_of(p, e)) & 1u);
     key[i] = ok ? order_key(p.bias ? clean_key(P[i] + p.bias[e]) : x[i]) : kUnavailable;
   }
 }
@@ -225,29 +276,33 @@ __device__ __forceinline__ void warp_topk(uint32_t (&key)[C], int (&id)[C], floa
   __syncwarp();
 }
 
-// Natural top-K of a full row held as x[i] / P[i] = logit / probability of expert lane + 32 i.
+// Natural top-K of a full row held as x[i] / P[i] = logit / probability of expert lane + 32 i, among
+// the experts of the token's groups (gmask).
 template <int EPL>
 __device__ __forceinline__ void warp_topk_row(const RouteParams& p, int lane, const float (&x)[EPL],
-                                              const float (&P)[EPL], WarpTopkScratch& ws, int& my_id,
-                                              float& my_x) {
+                                              const float (&P)[EPL], uint32_t gmask, WarpTopkScratch& ws,
+                                              int& my_id, float& my_x) {
   uint32_t key[EPL];
   int id[EPL];
   float xs[EPL];
-  make_keys(p, lane, x, P, key);
+  make_keys(p, lane, x, P, gmask, key);
 #pragma unroll
   for (int i = 0; i < EPL; ++i) { id[i] = lane + 32 * i; xs[i] = x[i]; }
   warp_topk<EPL>(key, id, xs, p.K, lane, ws, my_id, my_x);
 }
 
 // Top-K among the kept experts only: candidate j = kept[j] (ascending ids), j < Bk, its logit
-// gathered from `row_x` (the smem stash) or from the logits in global memory.
+// gathered from `row_x` (the smem stash) or from the logits in global memory. Grouped routing: the
+// kept experts of the token's groups (gmask) first, then, if they are fewer than K, the best of the
+// other kept experts fill the remaining slots.
 template <typename Tin, int C>
 __device__ __forceinline__ void warp_topk_kept(const RouteParams& p, int t, int lane, const int32_t* kept,
-                                               const float* row_x, float m, float inv, WarpTopkScratch& ws,
-                                               int& my_id, float& my_x) {
-  uint32_t key[C];
+                                               const float* row_x, float m, float inv, uint32_t gmask,
+                                               WarpTopkScratch& ws, int& my_id, float& my_x) {
+  uint32_t key[C], out_key[C];
   int id[C];
   float xs[C];
+  int n_in = 0;
   const Tin* row = static_cast<const Tin*>(p.logits) + static_cast<int64_t>(t) * p.logits_stride;
 #pragma unroll
   for (int i = 0; i < C; ++i) {
@@ -256,11 +311,27 @@ __device__ __forceinline__ void warp_topk_kept(const RouteParams& p, int t, int 
     const int e = ok ? kept[j] : 0;
     const float xe = !ok ? -INFINITY : (row_x ? row_x[e] : clean_logit(to_float(row[e])));
     const float k = p.bias ? clean_key(prob_of(xe, p.scoring, m, inv) + p.bias[e]) : xe;
-    key[i] = ok ? order_key(k) : kUnavailable;
+    const bool in = ok && ((gmask >> group_of(p, e)) & 1u);
+    key[i] = in ? order_key(k) : kUnavailable;
+    out_key[i] = ok && !in ? order_key(k) : kUnavailable;
+    n_in += in;
     id[i] = e;
     xs[i] = xe;
   }
-  warp_topk<C>(key, id, xs, p.K, lane, ws, my_id, my_x);
+  if (p.n_group > 1) n_in = __reduce_add_sync(kFull, n_in);  // warp-uniform
+  if (p.n_group <= 1 || n_in >= p.K) {
+    warp_topk<C>(key, id, xs, p.K, lane, ws, my_id, my_x);
+    return;
+  }
+  int in_id = -1, out_id;
+  float in_x = -INFINITY, out_x;
+  if (n_in > 0) warp_topk<C>(key, id, xs, n_in, lane, ws, in_id, in_x);
+  warp_topk<C>(out_key, id, xs, p.K - n_in, lane, ws, out_id, out_x);
+  const int src = lane >= n_in ? lane - n_in : 0;
+  out_id = __shfl_sync(kFull, out_id, src);
+  out_x = __shfl_sync(kFull, out_x, src);
+  my_id = lane < n_in ? in_id : (lane < p.K ? out_id : -1);
+  my_x = lane < n_in ? in_x : (lane < p.K ? out_x : -INFINITY);
 }
 
 // Writes one token's weights/ids (lane k: expert id or -1, and its clean logit) and pair slots
@@ -272,6 +343,7 @@ __device__ __forceinline__ void write_token(const RouteParams& p, int t, int lan
     const float sum = device::warp_sum(w);
     w = sum > 0.f ? w / sum : 0.f;
   }
+  w *= p.scale;
   if (lane < p.K) {
     const int64_t o = static_cast<int64_t>(t) * p.K + lane;
     p.weights[o] = w;
@@ -288,6 +360,7 @@ struct TokenScratch {
   float* nat_x;        // [T*K] their clean logits
   int32_t* pair_slot;  // [T*K] kept-expert position of each pair, -1 dropped; nullptr: no grouping
   float* stash;        // [T*E] clean logits, or nullptr (re-picks gather from global memory)
+  uint32_t* group_mask;  // [T] each token's group mask (grouped routing under a budget), else nullptr
   int32_t* prot;       // [E] protected-expert flags to set, or nullptr (marked later from nat_id)
   WarpTopkScratch* topk;  // [warps of the block] shared
 };
@@ -296,10 +369,10 @@ struct TokenScratch {
 // and a protected token's experts are flagged.
 template <int EPL>
 __device__ __forceinline__ void natural_pass(const RouteParams& p, int t, int lane, const float (&x)[EPL],
-                                             const float (&P)[EPL], const TokenScratch& ts) {
+                                             const float (&P)[EPL], uint32_t gmask, const TokenScratch& ts) {
   int id;
   float xid;
-  warp_topk_row(p, lane, x, P, ts.topk[threadIdx.x >> 5], id, xid);
+  warp_topk_row(p, lane, x, P, gmask, ts.topk[threadIdx.x >> 5], id, xid);
   if (lane < p.K) {
     ts.nat_id[static_cast<int64_t>(t) * p.K + lane] = id;
     ts.nat_x[static_cast<int64_t>(t) * p.K + lane] = xid;
@@ -316,7 +389,9 @@ __device__ __forceinline__ void token_pass(const RouteParams& p, int t, int lane
                                            const TokenScratch& ts) {
   float P[EPL], m, s;
   row_probs(p, x, P, m, s);
+  const uint32_t gmask = token_group_mask(p, lane, P);
   if (budget) {
+    if (ts.group_mask && lane == 0) ts.group_mask[t] = gmask;
     const float tw = p.token_weights ? clean_token_weight(p.token_weights[t]) : 1.f;
 #pragma unroll
     for (int i = 0; i < EPL; ++i) acc[i] += tw * P[i];
@@ -327,12 +402,12 @@ __device__ __forceinline__ void token_pass(const RouteParams& p, int t, int lane
         if (lane + 32 * i < p.E) ts.stash[t * p.E + lane + 32 * i] = x[i];
     }
     if (p.policy == Policy::kTruncate || (!protected_elsewhere && p.protect != nullptr && p.protect[t]))
-      natural_pass(p, t, lane, x, P, ts);
+      natural_pass(p, t, lane, x, P, gmask, ts);
     return;
   }
   int id;
   float xid;
-  warp_topk_row(p, lane, x, P, ts.topk[threadIdx.x >> 5], id, xid);
+  warp_topk_row(p, lane, x, P, gmask, ts.topk[threadIdx.x >> 5], id, xid);
   write_token(p, t, lane, id, xid, m, s, nullptr, ts.pair_slot);
 }
 
@@ -342,6 +417,7 @@ template <typename Tin, int EPL>
 __device__ __forceinline__ void finalize_pass(const RouteParams& p, int t, int lane, const int32_t* kept,
                                               const int32_t* slot_of, const TokenScratch& ts) {
   const float m = ts.stat_m[t], s = ts.stat_s[t];
+  const uint32_t gmask = ts.group_mask ? ts.group_mask[t] : 1u;
   int id = -1;
   float xid = -INFINITY;
   if (p.policy == Policy::kTruncate) {
@@ -361,15 +437,15 @@ __device__ __forceinline__ void finalize_pass(const RouteParams& p, int t, int l
     const float* row_x = ts.stash ? ts.stash + t * p.E : nullptr;
     // Candidates per lane = ceil(Bk / 32): a budget of <= 32 experts is one candidate per lane.
     if (p.num_kept <= 32)
-      warp_topk_kept<Tin, 1>(p, t, lane, kept, row_x, m, s, ts.topk[threadIdx.x >> 5], id, xid);
+      warp_topk_kept<Tin, 1>(p, t, lane, kept, row_x, m, s, gmask, ts.topk[threadIdx.x >> 5], id, xid);
     else if (EPL <= 2 || p.num_kept <= 64)
-      warp_topk_kept<Tin, (EPL < 2 ? EPL : 2)>(p, t, lane, kept, row_x, m, s, ts.topk[threadIdx.x >> 5], id, xid);
+      warp_topk_kept<Tin, (EPL < 2 ? EPL : 2)>(p, t, lane, kept, row_x, m, s, gmask, ts.topk[threadIdx.x >> 5], id, xid);
     else if (EPL <= 4 || p.num_kept <= 128)
-      warp_topk_kept<Tin, (EPL < 4 ? EPL : 4)>(p, t, lane, kept, row_x, m, s, ts.topk[threadIdx.x >> 5], id, xid);
+      warp_topk_kept<Tin, (EPL < 4 ? EPL : 4)>(p, t, lane, kept, row_x, m, s, gmask, ts.topk[threadIdx.x >> 5], id, xid);
     else if (EPL <= 8 || p.num_kept <= 256)
-      warp_topk_kept<Tin, (EPL < 8 ? EPL : 8)>(p, t, lane, kept, row_x, m, s, ts.topk[threadIdx.x >> 5], id, xid);
+      warp_topk_kept<Tin, (EPL < 8 ? EPL : 8)>(p, t, lane, kept, row_x, m, s, gmask, ts.topk[threadIdx.x >> 5], id, xid);
     else
-      warp_topk_kept<Tin, EPL>(p, t, lane, kept, row_x, m, s, ts.topk[threadIdx.x >> 5], id, xid);
+      warp_topk_kept<Tin, EPL>(p, t, lane, kept, row_x, m, s, gmask, ts.topk[threadIdx.x >> 5], id, xid);
   }
   write_token(p, t, lane, id, xid, m, s, slot_of, ts.pair_slot);
 }
@@ -432,7 +508,7 @@ __device__ __forceinline__ void select_kept(const RouteParams& p, float score, i
 // Fused path: T <= kFusedMaxTokens, one block of >= E threads (token passes use min(warps, T) warps).
 struct FusedLayout {
   size_t keys, topk, stat_m, stat_s, nat_id, nat_x, pair_slot, stash, slot_of, kept, prot, partial,
-      tokmask, offsets, tot, bytes;
+      tokmask, offsets, tot, group_mask, bytes;
 };
 
 __host__ __device__ inline FusedLayout fused_layout(int T, int E, int K, int warps, int token_warps) {
@@ -455,6 +531,7 @@ __host__ __device__ inline FusedLayout fused_layout(int T, int E, int K, int war
   L.tokmask = take(sizeof(uint32_t) * E * words);
   L.offsets = take(sizeof(int32_t) * (E + 1));
   L.tot = take(sizeof(int32_t) * 33);
+  L.group_mask = take(sizeof(uint32_t) * T);
   L.bytes = o;
   return L;
 }
@@ -508,6 +585,7 @@ __global__ void __launch_bounds__(kThreads) route_fused_kernel(const RouteParams
   ts.stash = L.stash == size_t(-1) ? nullptr : reinterpret_cast<float*>(smem + L.stash);
   ts.prot = reinterpret_cast<int32_t*>(smem + L.prot);
   ts.topk = reinterpret_cast<WarpTopkScratch*>(smem + L.topk);
+  ts.group_mask = p.n_group > 1 ? reinterpret_cast<uint32_t*>(smem + L.group_mask) : nullptr;
   auto* keys = reinterpret_cast<unsigned long long*>(smem + L.keys);
   int32_t* slot_of = reinterpret_cast<int32_t*>(smem + L.slot_of);
   int32_t* kept = reinterpret_cast<int32_t*>(smem + L.kept);
@@ -542,7 +620,7 @@ __global__ void __launch_bounds__(kThreads) route_fused_kernel(const RouteParams
       float x[EPL], P[EPL], m, inv;
       clean_row(p, lane, raw, x);
       row_probs(p, x, P, m, inv);
-      natural_pass(p, t, lane, x, P, ts);
+      natural_pass(p, t, lane, x, P, token_group_mask(p, lane, P), ts);
     }
   }
   ROUTE_PHASE(1);
@@ -577,7 +655,7 @@ __global__ void __launch_bounds__(kThreads) route_fused_kernel(const RouteParams
 
 // ---------------------------------------------------------------------------------------------
 // Multi-block path (T > kFusedMaxTokens). Workspace (global): stat_m[T] stat_s[T] | nat_id[T*K]
-// nat_x[T*K] pair_slot[T*K] | slot_of[E] | partials[num_token_blocks * E]. Kept experts go straight
+// nat_x[T*K] pair_slot[T*K] | slot_of[E] | partials[num_token_blocks * E] | group_mask[T]. Kept experts go straight
 // to p.kept_experts, which the finalize pass reads.
 __host__ __device__ inline int num_token_blocks(int T) { return (T + kTokensPerBlock - 1) / kTokensPerBlock; }
 
@@ -600,12 +678,13 @@ __host__ __device__ inline Workspace carve_workspace(void* base, int T, int E, i
   w.ts.topk = nullptr;  // each kernel points it at its own shared memory
   w.slot_of = pair_slot + size_t(T) * K;
   w.partials = reinterpret_cast<float*>(w.slot_of + E);
+  w.ts.group_mask = reinterpret_cast<uint32_t*>(w.partials + size_t(num_token_blocks(T)) * E);
   return w;
 }
 
 __host__ __device__ inline size_t workspace_bytes(int T, int E, int K) {
   return sizeof(float) * 2 * size_t(T) + sizeof(int32_t) * 3 * size_t(T) * K + sizeof(int32_t) * E +
-         sizeof(float) * size_t(num_token_blocks(T)) * E;
+         sizeof(float) * size_t(num_token_blocks(T)) * E + sizeof(uint32_t) * size_t(T);
 }
 
 template <typename Tin, int EPL>

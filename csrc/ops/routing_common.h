@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string_view>
 
@@ -23,7 +24,35 @@ struct RouteArgsT {
   routing::Scoring scoring;
   routing::Policy policy;
   routing::DType dtype;
+  int64_t n_group = 1, topk_group = 1;
+  routing::GroupScoring group_scoring = routing::GroupScoring::kTop2Sum;
+  float scale = 1.f;
 };
+
+// Grouped top-K and the weight scale (routing.h): G = n_group divides E, G <= kMaxGroups,
+// 1 <= topk_group <= G, topk_group * E / G >= top_k, group_scoring 'top2' (groups of >= 2 experts) or
+// 'max', scale a finite number > 0.
+template <typename I>
+void check_route_groups(const char* op, RouteArgsT<I>& a, int64_t n_group, int64_t topk_group,
+                        std::string_view group_scoring, double scale) {
+  SPECMOE_CHECK(n_group >= 1 && n_group <= routing::kMaxGroups, op, ": n_group must be in [1, ",
+                int(routing::kMaxGroups), "], got ", n_group);
+  SPECMOE_CHECK(a.E % n_group == 0, op, ": n_group (", n_group, ") must divide the number of experts E = ", a.E);
+  SPECMOE_CHECK(topk_group >= 1 && topk_group <= n_group, op, ": topk_group must be in [1, n_group = ", n_group,
+                "], got ", topk_group);
+  SPECMOE_CHECK(topk_group * (a.E / n_group) >= a.K, op, ": topk_group (", topk_group, ") groups of E / n_group = ",
+                a.E / n_group, " experts hold fewer than top_k = ", a.K, " experts");
+  if (group_scoring == "top2") a.group_scoring = routing::GroupScoring::kTop2Sum;
+  else if (group_scoring == "max") a.group_scoring = routing::GroupScoring::kMax;
+  else SPECMOE_CHECK(false, op, ": group_scoring must be 'top2' or 'max', got '", group_scoring, "'");
+  SPECMOE_CHECK(n_group == 1 || a.group_scoring != routing::GroupScoring::kTop2Sum || a.E / n_group >= 2, op,
+                ": group_scoring 'top2' needs groups of >= 2 experts, got E / n_group = ", a.E / n_group);
+  SPECMOE_CHECK(std::isfinite(scale) && scale > 0.0 && scale <= 3.0e38, op,
+                ": scale must be a finite number > 0, got ", scale);
+  a.n_group = n_group;
+  a.topk_group = topk_group;
+  a.scale = static_cast<float>(scale);
+}
 using RouteArgs = RouteArgsT<int64_t>;
 
 template <typename I>
@@ -41,7 +70,9 @@ template <typename I = int64_t>
 RouteArgsT<I> check_route_args(const char* op, const at::Tensor& logits, int64_t top_k, int64_t budget,
                                std::string_view scoring, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& token_weights,
-                               const std::optional<at::Tensor>& protect, std::string_view policy) {
+                               const std::optional<at::Tensor>& protect, std::string_view policy,
+                               int64_t n_group = 1, int64_t topk_group = 1,
+                               std::string_view group_scoring = "top2", double scale = 1.0) {
   SPECMOE_CHECK(logits.dim() == 2, op, ": logits must be 2-D [T, E], got shape ", sizes_of<I>(logits));
   const auto st = logits.scalar_type();
   SPECMOE_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
@@ -67,6 +98,7 @@ RouteArgsT<I> check_route_args(const char* op, const at::Tensor& logits, int64_t
   check_optional_vector<I>(op, "bias", bias, a.E, at::kFloat, logits);
   check_optional_vector<I>(op, "token_weights", token_weights, a.T, at::kFloat, logits);
   check_optional_vector<I>(op, "protect", protect, a.T, at::kBool, logits);
+  check_route_groups<I>(op, a, n_group, topk_group, group_scoring, scale);
   return a;
 }
 

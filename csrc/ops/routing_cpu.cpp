@@ -1,6 +1,7 @@
 // CPU implementation of specmoe::route_topk / route_budget: straightforward float32 loops with the
 // exact semantics of csrc/kernels/routing.h (same tie rules and the same value rules for NaN / Inf
-// logits, bias and token weights: routing::clean_*, so expert ids match the CUDA kernel).
+// logits, bias, token weights and group scores: routing::clean_*, so expert ids match the CUDA kernel).
+// Grouped top-K: the group scores are the same float sums (best + second best) as the kernel's.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -38,14 +39,45 @@ void row_probs(const float* row, int64_t E, Scoring scoring, RowProbs& r) {
 }
 
 // Top-k of `key` among experts with allowed[e] (nullptr: all), best first, ties to the lower id.
-void topk(const std::vector<float>& key, const std::vector<char>* allowed, int64_t k, int32_t* out) {
+// Writes min(k, allowed count) ids and returns that count.
+int64_t topk(const std::vector<float>& key, const std::vector<char>* allowed, int64_t k, int32_t* out) {
   std::vector<int32_t> idx;
   for (int32_t e = 0; e < static_cast<int32_t>(key.size()); ++e)
     if (!allowed || (*allowed)[e]) idx.push_back(e);
+  k = std::min<int64_t>(k, static_cast<int64_t>(idx.size()));
   std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
     return key[a] > key[b] || (key[a] == key[b] && a < b);
   });
   std::copy(idx.begin(), idx.begin() + k, out);
+  return k;
+}
+
+// Grouped top-K (routing.h): in_group[e] = 1 for the experts of the token's topk_group best groups,
+// groups scored by the sum of their best two (or their best) values of g = P + bias (bias) or P.
+void token_groups(const RowProbs& r, const float* bias, const RouteArgs& a, std::vector<char>& in_group) {
+  const int64_t G = a.n_group, gs = a.E / G;
+  std::vector<float> score(G);
+  for (int64_t g = 0; g < G; ++g) {
+    float m1 = -INFINITY, m2 = -INFINITY;
+    bool any = false;
+    for (int64_t e = g * gs; e < (g + 1) * gs; ++e) {
+      const float v = bias ? routing::clean_key(r.P[e] + bias[e]) : r.P[e];
+      if (!any || v > m1) {
+        if (any) m2 = m1;
+        m1 = v;
+        any = true;
+      } else if (v > m2) {
+        m2 = v;
+      }
+    }
+    score[g] = routing::clean_group_score(a.group_scoring == routing::GroupScoring::kTop2Sum ? m1 + m2 : m1);
+  }
+  std::vector<int64_t> order(G);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return score[x] > score[y]; });
+  in_group.assign(a.E, 0);
+  for (int64_t j = 0; j < a.topk_group; ++j)
+    std::fill(in_group.begin() + order[j] * gs, in_group.begin() + (order[j] + 1) * gs, 1);
 }
 
 RouteOutputs route_cpu(const at::Tensor& logits_in, const RouteArgs& a, const std::optional<at::Tensor>& bias,
@@ -66,13 +98,16 @@ RouteOutputs route_cpu(const at::Tensor& logits_in, const RouteArgs& a, const st
   std::vector<float> key(E);
   std::vector<int32_t> natural(T * K);
   std::vector<float> score(E, 0.f);
+  const bool grouped = a.n_group > 1;
+  std::vector<std::vector<char>> in_group(grouped ? T : 0);
   auto make_key = [&](const RowProbs& r) {
     for (int64_t e = 0; e < E; ++e) key[e] = b ? routing::clean_key(r.P[e] + b[e]) : r.x[e];
   };
   for (int64_t t = 0; t < T; ++t) {
     row_probs(L + t * E, E, a.scoring, rows[t]);
     make_key(rows[t]);
-    topk(key, nullptr, K, natural.data() + t * K);
+    if (grouped) token_groups(rows[t], b, a, in_group[t]);
+    topk(key, grouped ? &in_group[t] : nullptr, K, natural.data() + t * K);
     if (budget) {
       const float w = tw ? routing::clean_token_weight(tw[t]) : 1.f;
       for (int64_t e = 0; e < E; ++e) score[e] += w * rows[t].P[e];
@@ -104,7 +139,17 @@ RouteOutputs route_cpu(const at::Tensor& logits_in, const RouteArgs& a, const st
       std::copy(natural.begin() + t * K, natural.begin() + (t + 1) * K, id);
     } else if (a.policy == Policy::kSubstitute) {
       make_key(rows[t]);
-      topk(key, &kept, K, id);
+      if (!grouped) {
+        topk(key, &kept, K, id);
+      } else {  // the kept experts of the token's groups first, then the other kept experts
+        std::vector<char> first(E), second(E);
+        for (int64_t e = 0; e < E; ++e) {
+          first[e] = kept[e] && in_group[t][e];
+          second[e] = kept[e] && !in_group[t][e];
+        }
+        const int64_t n = topk(key, &first, K, id);
+        if (n < K) topk(key, &second, K - n, id + n);
+      }
     } else {
       for (int64_t k = 0; k < K; ++k) id[k] = kept[natural[t * K + k]] ? natural[t * K + k] : -1;
     }
@@ -115,6 +160,7 @@ RouteOutputs route_cpu(const at::Tensor& logits_in, const RouteArgs& a, const st
     }
     if (renormalize)
       for (int64_t k = 0; k < K; ++k) W[t * K + k] = sum > 0.f ? W[t * K + k] / sum : 0.f;
+    for (int64_t k = 0; k < K; ++k) W[t * K + k] *= a.scale;
   }
 
   if (group) {
@@ -138,9 +184,10 @@ RouteOutputs route_cpu(const at::Tensor& logits_in, const RouteArgs& a, const st
 }
 
 RouteTopkResult route_topk_cpu(const at::Tensor& logits, int64_t top_k, c10::string_view scoring,
-                               const std::optional<at::Tensor>& bias, bool renormalize) {
+                               const std::optional<at::Tensor>& bias, bool renormalize, int64_t n_group,
+                               int64_t topk_group, c10::string_view group_scoring, double scale) {
   const RouteArgs a = check_route_args("route_topk", logits, top_k, top_k, scoring, bias, std::nullopt,
-                                       std::nullopt, "substitute");
+                                       std::nullopt, "substitute", n_group, topk_group, group_scoring, scale);
   RouteArgs all = a;
   all.num_kept = a.E;
   RouteOutputs o = route_cpu(logits, all, bias, renormalize, std::nullopt, std::nullopt, false);
@@ -150,9 +197,11 @@ RouteTopkResult route_topk_cpu(const at::Tensor& logits, int64_t top_k, c10::str
 RouteBudgetResult route_budget_cpu(const at::Tensor& logits, int64_t top_k, int64_t budget,
                                    c10::string_view scoring, const std::optional<at::Tensor>& bias,
                                    bool renormalize, const std::optional<at::Tensor>& token_weights,
-                                   const std::optional<at::Tensor>& protect, c10::string_view policy) {
+                                   const std::optional<at::Tensor>& protect, c10::string_view policy,
+                                   int64_t n_group, int64_t topk_group, c10::string_view group_scoring,
+                                   double scale) {
   const RouteArgs a = check_route_args("route_budget", logits, top_k, budget, scoring, bias,
-                                       token_weights, protect, policy);
+                                       token_weights, protect, policy, n_group, topk_group, group_scoring, scale);
   return as_budget_result(route_cpu(logits, a, bias, renormalize, token_weights, protect, true));
 }
 

@@ -33,6 +33,10 @@ RouteOutputs route_cuda(const at::Tensor& logits, const RouteArgs& a, const std:
   p.policy = a.policy;
   p.renormalize = renormalize;
   p.group = group;
+  p.n_group = int(a.n_group);
+  p.topk_group = int(a.topk_group);
+  p.group_scoring = a.group_scoring;
+  p.scale = a.scale;
   p.weights = o.weights.data_ptr<float>();
   p.ids = o.ids.data_ptr<int32_t>();
   if (group) {
@@ -48,9 +52,10 @@ RouteOutputs route_cuda(const at::Tensor& logits, const RouteArgs& a, const std:
 }
 
 RouteTopkResult route_topk_cuda(const at::Tensor& logits, int64_t top_k, c10::string_view scoring,
-                                const std::optional<at::Tensor>& bias, bool renormalize) {
+                                const std::optional<at::Tensor>& bias, bool renormalize, int64_t n_group,
+                                int64_t topk_group, c10::string_view group_scoring, double scale) {
   RouteArgs a = check_route_args("route_topk", logits, top_k, top_k, scoring, bias, std::nullopt,
-                                 std::nullopt, "substitute");
+                                 std::nullopt, "substitute", n_group, topk_group, group_scoring, scale);
   a.num_kept = a.E;
   RouteOutputs o = route_cuda(logits, a, bias, renormalize, std::nullopt, std::nullopt, false);
   return {o.weights, o.ids};
@@ -59,9 +64,12 @@ RouteTopkResult route_topk_cuda(const at::Tensor& logits, int64_t top_k, c10::st
 RouteBudgetResult route_budget_cuda(const at::Tensor& logits, int64_t top_k, int64_t budget,
                                     c10::string_view scoring, const std::optional<at::Tensor>& bias,
                                     bool renormalize, const std::optional<at::Tensor>& token_weights,
-                                    const std::optional<at::Tensor>& protect, c10::string_view policy) {
+                                    const std::optional<at::Tensor>& protect, c10::string_view policy,
+                                    int64_t n_group, int64_t topk_group, c10::string_view group_scoring,
+                                    double scale) {
   const RouteArgs a = check_route_args("route_budget", logits, top_k, budget, scoring, bias,
-                                       token_weights, protect, policy);
+                                       token_weights, protect, policy, n_group, topk_group, group_scoring,
+                                       scale);
   return as_budget_result(route_cuda(logits, a, bias, renormalize, token_weights, protect, true));
 }
 

@@ -32,10 +32,12 @@ void def(torch::Library& m, const char* schema) {
 
 TORCH_LIBRARY(specmoe, m) {
   def(m, "route_topk(Tensor logits, int top_k, str scoring='softmax', Tensor? bias=None, "
-         "bool renormalize=True) -> (Tensor weights, Tensor ids)");
+         "bool renormalize=True, int n_group=1, int topk_group=1, str group_scoring='top2', "
+         "float scale=1.0) -> (Tensor weights, Tensor ids)");
   def(m, "route_budget(Tensor logits, int top_k, int budget, str scoring='softmax', Tensor? bias=None, "
          "bool renormalize=True, Tensor? token_weights=None, Tensor? protect=None, "
-         "str policy='substitute') -> (Tensor weights, Tensor ids, Tensor kept_experts, "
+         "str policy='substitute', int n_group=1, int topk_group=1, str group_scoring='top2', "
+         "float scale=1.0) -> (Tensor weights, Tensor ids, Tensor kept_experts, "
          "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs)");
   def(m, "fused_moe(Tensor x, Tensor w13, Tensor w2, Tensor weights, Tensor kept_experts, "
          "Tensor expert_counts, Tensor expert_offsets, Tensor sorted_pairs, Tensor? shared_w13=None, "

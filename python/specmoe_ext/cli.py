@@ -7,7 +7,7 @@ per prompt (<= --max-new-tokens), S KV-cache slots per request.
                      [--temperature T] [--top-p P] [--top-k K] [--seed S] [--dtype D] [--device DEV]
                      [--threads N] [--check-weights] [--allow-long-context]
                      [--no-cuda-graph] [--json] [--no-progress]
-                     [--draft model|model:DIR|self[:N]|ngram[:N]|eagle:DIR] [--tree SPEC] [--accept RULE]
+                     [--draft model|model:DIR|self[:N]|ngram[:N]|eagle:DIR|mtp] [--tree SPEC] [--accept RULE]
                      [--budget B[,B...]] [--budget-policy substitute|truncate] [--budget-weights uniform|path]
                      [--no-protect-root] [--spec fixed|auto] [--spec-candidates 'k=0,1,2,4;budget=none,32']
                      [--spec-test-steps N] [--profile profile.json] [--profile-alpha A]
@@ -121,6 +121,41 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     _add_spec_args(p, draft_default=None)
+    _add_offload_args(p)
+    _add_parallel_args(p)
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes / GPUs (models/parallel.py; launch with torchrun "
+                             "--nproc-per-node N -m specmoe_ext generate ...)")
+    g.add_argument("--tp", type=int, default=1, metavar="N", help="tensor parallelism over N processes (heads, "
+                   "FFN widths, experts' widths and the LM head split; one all-reduce per attention and FFN)")
+    g.add_argument("--ep", type=int, default=1, metavar="N", help="expert parallelism over N processes (experts "
+                   "split, uneven counts allowed; attention, dense layers and LM head replicated)")
+    g.add_argument("--budget-balance", default="global", choices=["global", "rank"],
+                   help="with --ep and --budget B: global (the batch-wide budget) or rank (at most ceil(B / N) "
+                        "experts per rank: the slowest rank sets the step time)")
+    g.add_argument("--dist-timeout", type=float, default=120.0, metavar="S",
+                   help="seconds a collective may wait before the run fails")
+
+
+def _parallel_config(a: argparse.Namespace, cmd: str, args=None):
+    """--tp / --ep -> ParallelConfig or None; checked against the model's shapes (every rank refuses the
+    same configuration with the same message, before any process group or memory)."""
+    if a.tp == 1 and a.ep == 1:
+        if a.budget_balance != "global":
+            _fail(cmd, "--budget-balance applies to --ep: add --ep N")
+        return None
+    from .models.parallel import ParallelConfig, check_config
+    try:
+        cfg = ParallelConfig(tp=a.tp, ep=a.ep, budget_balance=a.budget_balance, timeout_s=a.dist_timeout)
+        if args is not None:
+            check_config(args, cfg)
+    except ValueError as e:
+        _fail(cmd, e)
+    if getattr(a, "offload_experts", False):
+        _fail(cmd, "--offload-experts with --tp / --ep is not supported")
+    return cfg
 
 
 def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget_default: str | None = None) -> None:
@@ -130,7 +165,8 @@ def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget
                         "checkpoint folder sharing the target's vocabulary; 'self' or 'self:N' = the target itself "
                         "with N resident experts per MoE layer (E/2 without N; SpecMoE); 'ngram' or 'ngram:N' = "
                         "prompt lookup of the longest recent suffix (up to N=4 tokens); 'eagle:DIR' = an EAGLE-3 "
-                        "head folder (published layout)")
+                        "head folder (published layout); 'mtp' = the checkpoint's own multi-token-prediction layer "
+                        "(DeepSeek-V3 / GLM-4.5 checkpoints with num_nextn_predict_layers)")
     g.add_argument("--tree", metavar="SPEC", default=DEFAULT_TREE,
                    help="draft tree: 'chain:G' (G tokens in a line), 'static:b1,b2,...' (b_d children per node at "
                         "depth d), 'dynamic:topk=K,depth=D,tokens=M' (EAGLE-2: expand the K best nodes per level, "
@@ -171,6 +207,48 @@ def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget
                             "pruned, the rest tested best-first)")
         g.add_argument("--profile-alpha", type=float, default=0.7, metavar="A",
                        help="--profile: per-token acceptance rate assumed by the warm start")
+
+
+def _add_offload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("expert offloading (models/offload.py)")
+    g.add_argument("--offload-experts", action="store_true",
+                   help="keep every expert in host memory (page-locked on CUDA) and an expert cache per MoE layer "
+                        "on the device; needs --resident-experts or --gpu-memory")
+    g.add_argument("--resident-experts", type=int, metavar="N", help="cache slots per MoE layer, top_k <= N <= E")
+    g.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="device memory for the run (GiB): the most resident experts that fit besides the "
+                        "non-expert weights and KV caches")
+    g.add_argument("--offload-eviction", default="lru", choices=["lru", "heat"], help="cache eviction policy")
+    g.add_argument("--offload-prefetch", default="router", choices=["router", "heat", "none"],
+                   help="prefetch of the next layer's experts: its router on the current hidden state, or "
+                        "recent-step heat")
+    g.add_argument("--residency-aware-budget", type=float, nargs="?", const=0.05, default=None, metavar="MARGIN",
+                   help="with --budget: prefer resident experts whose score is within MARGIN x the top score "
+                        "(default 0.05); reports routing mass lost and bytes saved")
+
+
+def _offload_config(a: argparse.Namespace, cmd: str):
+    """The --offload-experts flags -> OffloadConfig or None (checked: nothing loaded yet)."""
+    from .models.offload import OffloadConfig, OffloadError
+    used = [f for f, v in (("--resident-experts", a.resident_experts), ("--gpu-memory", a.gpu_memory),
+                           ("--residency-aware-budget", a.residency_aware_budget)) if v is not None]
+    used += [f for f, v, d in (("--offload-eviction", a.offload_eviction, "lru"),
+                                ("--offload-prefetch", a.offload_prefetch, "router")) if v != d]
+    if not a.offload_experts:
+        if used:
+            _fail(cmd, f"{', '.join(used)} apply to expert offloading: add --offload-experts")
+        return None
+    if a.residency_aware_budget is not None and not getattr(a, "budget", None) and cmd == "generate":
+        _fail(cmd, "--residency-aware-budget acts on an expert budget: add --budget B")
+    cfg = OffloadConfig(resident_experts=a.resident_experts, gpu_memory_gb=a.gpu_memory,
+                        eviction=a.offload_eviction, prefetch=a.offload_prefetch,
+                        residency_aware_budget=a.residency_aware_budget is not None,
+                        residency_margin=a.residency_aware_budget if a.residency_aware_budget is not None else 0.05)
+    try:
+        cfg.check()
+    except OffloadError as e:
+        _fail(cmd, e)
+    return cfg
 
 
 # ---- before anything is loaded: what the flags name, and whether the run fits -------------------------------
@@ -245,12 +323,17 @@ def _check_positions(a: argparse.Namespace, src: _Source, P: int, cmd: str) -> N
               file=sys.stderr)
 
 
-def _shape_only(src: _Source, dtype, cmd: str):
+def _shape_only(src: _Source, dtype, cmd: str, offload=None):
     """The target on the meta device (a checkpoint's files and tensor headers checked, nothing read): its
-    engines run every flag's check and size every buffer, for free."""
+    engines run every flag's check and size every buffer, for free. offload: an OffloadConfig (its plan's
+    errors name the flag)."""
     from .models.loader import empty_model, load_model
+    from .models.offload import empty_offloaded_model
     try:
-        return empty_model(src.args, "meta", dtype) if src.path is None else load_model(src.path, "meta", dtype)
+        if offload is not None and src.path is None:
+            return empty_offloaded_model(src.args, "meta", dtype, offload)
+        return empty_model(src.args, "meta", dtype) if src.path is None else load_model(src.path, "meta", dtype,
+                                                                                        offload=offload)
     except ValueError as e:
         _fail(cmd, e)
 
@@ -328,12 +411,58 @@ def _preflight(a: argparse.Namespace, cmd: str, src: _Source, device, dtype, ids
                engines_for: Callable) -> int:
     """Every check of a run on the shape-only target, then the thread count -> threads. engines_for(target)
     builds the engines the run uses (the same call runs again on the loaded target)."""
-    meta = _shape_only(src, dtype, cmd)
+    cfg = a.offload = _offload_config(a, cmd)
+    meta = _shape_only(src, dtype, cmd, cfg)
     engines = engines_for(meta)
     P = max(map(len, ids))
     needs = _check_capacity(engines, P, a.max_new_tokens, cmd)
-    _check_memory(cmd, src, device, dtype, _run_bytes(engines, len(ids), needs))
+    parts = _run_bytes(engines, len(ids), needs)
+    if getattr(a, "parallel", None) is not None:
+        parts = _parallel_parts(a, src, dtype, parts)
+    if cfg is not None:
+        parts = _offload_parts(a, cmd, src, device, dtype, parts)
+        if a.offload.resident_experts != cfg.resident_experts:          # --gpu-memory: N derived; engines again
+            engines_for(_shape_only(src, dtype, cmd, a.offload))
+    _check_memory(cmd, src, device, dtype, parts)
     return _set_threads(a, meta.num_parameters(), device)
+
+
+def _parallel_parts(a: argparse.Namespace, src: _Source, dtype, parts: list) -> list:
+    """--tp / --ep: what this rank allocates: its shard of the weights and its heads' KV cache (drafts are
+    replicated)."""
+    import torch
+    from .models.parallel import Comm, local_args, local_meta_model
+    local = local_meta_model(src.args, a.parallel, Comm(a.rank, a.parallel.world))
+    elem = torch.empty((), dtype=dtype).element_size()
+    kv_share = local_args(src.args, a.parallel).n_kv_heads / src.args.n_kv_heads
+    out = []
+    for what, b in parts:
+        b = local.num_parameters() * elem if what == "weights" else int(b * kv_share) if what == "KV cache" else b
+        out.append((f"{what} (rank {a.rank})" if what in ("weights", "KV cache") else what, b))
+    return out
+
+
+def _offload_parts(a: argparse.Namespace, cmd: str, src: _Source, device, dtype, parts: list) -> list:
+    """--offload-experts: resolve N (--gpu-memory: what fits besides the KV caches and drafts), set
+    a.offload to the resolved config, check the host store against the host's memory -> the device parts."""
+    from dataclasses import replace
+    from .models.loader import NotEnoughMemoryError, check_device_memory
+    from .models.offload import OffloadError, plan_offload
+    reserve = sum(b for what, b in parts if what != "weights")
+    try:
+        plan = plan_offload(src.args, dtype, a.offload, reserve)
+    except OffloadError as e:
+        _fail(cmd, e)
+    a.offload = replace(a.offload, resident_experts=plan.resident, gpu_memory_gb=None)
+    if device.type == "cuda":
+        try:
+            check_device_memory(plan.host_bytes, "cpu", src.name, "host memory (offloaded experts)")
+        except NotEnoughMemoryError as e:
+            _fail(cmd, f"--offload-experts: {e}")
+        host = []
+    else:
+        host = [("offloaded experts", plan.host_bytes)]
+    return [("non-expert weights + expert cache", plan.device_bytes)] + host + [p for p in parts if p[0] != "weights"]
 
 
 def _check_output_path(cmd: str, flag: str, path: str | None) -> None:
@@ -354,13 +483,32 @@ def _check_output_path(cmd: str, flag: str, path: str | None) -> None:
 
 def _load_target(a: argparse.Namespace, src: _Source, device, dtype, cmd: str):
     from .models.loader import load_model
+    from .models.offload import build_offloaded_preset, expert_offload
     from .models.presets import build_preset
+    cfg = getattr(a, "offload", None)
+    par = getattr(a, "parallel", None)
     try:
-        if src.path is not None:
-            return load_model(src.path, device, dtype, check_finite=a.check_weights)
-        return build_preset(src.name, device, dtype, seed=a.seed)
+        if par is not None:
+            from .models.parallel import resolve_comm, shard_model
+            comm = resolve_comm(par, None, device)
+            if src.path is not None:        # this rank's slices of the files only
+                model = load_model(src.path, device, dtype, check_finite=a.check_weights, parallel=par, comm=comm)
+            else:                           # random weights: the same seeded full model, then this rank's shard
+                model = shard_model(build_preset(src.name, device, dtype, seed=a.seed), par, comm)
+        elif src.path is not None:
+            model = load_model(src.path, device, dtype, check_finite=a.check_weights, offload=cfg)
+        elif cfg is not None:
+            model = build_offloaded_preset(src.name, device, dtype, cfg, seed=a.seed)
+        else:
+            model = build_preset(src.name, device, dtype, seed=a.seed)
     except ValueError as e:
         _fail(cmd, e)
+    off = expert_offload(model)
+    if off is not None and device.type == "cuda" and not off.capturable and not getattr(a, "no_cuda_graph", False):
+        print(f"specmoe {cmd}: note: expert fetches use the '{off.backend}' copy (Triton missing), which "
+              f"synchronizes: steps run eagerly (no CUDA graph)", file=sys.stderr)
+        a.no_cuda_graph = True
+    return model
 
 
 def _budget_style(a: argparse.Namespace) -> dict:
@@ -497,6 +645,15 @@ def _run_generate(a: argparse.Namespace) -> int:
     sampling = _check_generate_flags(a)
     device, dtype = _device_dtype(a, "generate")
     src = _source(a, "generate")
+    a.parallel = _parallel_config(a, "generate", src.args)
+    if a.parallel is not None:
+        from .models.parallel import resolve_comm
+        try:
+            a.rank = resolve_comm(a.parallel, None, device).rank          # torchrun's process group
+        except ValueError as e:
+            _fail("generate", e)
+        if a.rank != 0:
+            a.no_progress = True
     prompts, ids = _encode_prompts(a, src, "generate")
     engines_for = lambda target: [_generate_engine(a, target, src, dtype, len(ids))[0]]  # noqa: E731
     threads = _preflight(a, "generate", src, device, dtype, ids, engines_for)
@@ -514,6 +671,9 @@ def _run_generate(a: argparse.Namespace) -> int:
         bar.update(1)                                  # the first token comes from the prefill
     # the bar follows the request that is furthest along (one update per step, from the step's record)
     progress = (lambda st, toks: bar.update(max(map(len, toks), default=0))) if bar is not None else None
+    from .models.offload import expert_offload
+    if expert_offload(model) is not None:
+        expert_offload(model).reset_stats()          # bucket "prefill" = this run's prefill, then its steps
     try:
         res = engine.generate(ids, a.max_new_tokens, sampling, stop, controller=ctl, budget_style=style,
                               on_step=progress)
@@ -525,6 +685,8 @@ def _run_generate(a: argparse.Namespace) -> int:
 
 
 def _report_generate(a, src: _Source, model, device, dtype, prompts, ids, res, engine, load_s, threads) -> int:
+    if getattr(a, "rank", 0) != 0:                   # parallel: rank 0 reports (every rank holds the same tokens)
+        return 0
     outputs = []
     for p, i, t, r in zip(prompts, ids, res.tokens, res.finish_reasons):
         outputs.append({"prompt": p, "text": src.tok.decode_continuation(i, t) if src.has_text else None,
@@ -545,6 +707,10 @@ def _report_generate(a, src: _Source, model, device, dtype, prompts, ids, res, e
         stats["accepted_per_step"] = spec["accepted_per_step"]
         stats["tokens_per_step"] = spec["tokens_per_step"]
     dt = str(dtype).replace("torch.", "")
+    from .models.offload import expert_offload
+    off = expert_offload(model)
+    offload = None if off is None else off.report(steps=res.decode_steps, tokens=res.n_generated - len(ids),
+                                                  decode_s=res.decode_s)
     if a.json:
         doc = {"model": src.name, "architecture": model.args.architecture, "device": str(device),
                "dtype": dt, "parameters": model.num_parameters(),
@@ -552,6 +718,11 @@ def _report_generate(a, src: _Source, model, device, dtype, prompts, ids, res, e
                "max_new_tokens": a.max_new_tokens, "outputs": outputs, "stats": stats}
         if spec is not None:
             doc["speculative"] = spec
+        if offload is not None:
+            doc["offload"] = offload
+        if getattr(a, "parallel", None) is not None:
+            doc["parallel"] = {**a.parallel.describe(), "world": a.parallel.world,
+                               "parameters_per_rank": model.num_parameters()}
         print(json.dumps(doc, indent=2))
         return 0
     for o in outputs:
@@ -574,6 +745,13 @@ def _report_generate(a, src: _Source, model, device, dtype, prompts, ids, res, e
         pairs = " ".join(f"{t:g}->{l:g}" for t, l in zip(spec["experts_touched_per_layer"],
                                                          spec["experts_loaded_per_layer"]))
         print(f"experts per MoE layer and step, touched -> loaded: {pairs}", file=sys.stderr)
+    if offload is not None:
+        st, cfg = offload["steps"], offload["config"]
+        fetch = f", fetch {st['fetch_s']:.3f} s" if st["fetch_s"] is not None else ""
+        print(f"expert offload: {cfg['resident_experts']}/{cfg['experts']} experts resident per MoE layer, hit rate "
+              f"{st['hit_rate']}, {st['bytes_moved'] / 2**20:.1f} MiB moved in the steps "
+              f"({st.get('bytes_per_token', 0) / 2**20:.2f} MiB/token){fetch}; prefill "
+              f"{offload['prefill']['bytes_moved'] / 2**20:.1f} MiB", file=sys.stderr)
     return 0
 
 
@@ -586,6 +764,7 @@ def _add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, metavar="R",
                    help="timed runs per mode after one warm-up run; tokens/s is their median")
     _add_spec_args(p, draft_default="model")
+    _add_offload_args(p)
 
 
 DEMO_AUTO = "speculative, --spec auto"       # the demo run driven by a CascadeController
@@ -626,6 +805,12 @@ def _run_demo(a: argparse.Namespace) -> int:
         runs = [engine.generate(ids, N, controller=controller()) for _ in range(1 + a.repeats)][1:]
         timed = sorted(runs, key=lambda r: r.tokens_per_s)
         results[label] = (timed[len(timed) // 2], [r.tokens_per_s for r in timed])
+        from .models.offload import expert_offload
+        if expert_offload(model) is not None:          # one more run for its expert-fetch statistics
+            expert_offload(model).reset_stats()
+            r = engine.generate(ids, N, controller=controller())
+            results[label][0].extra["offload"] = expert_offload(model).report(
+                steps=r.decode_steps, tokens=r.n_generated - len(ids), decode_s=r.decode_s)
     return _report_demo(a, src, model, device, dtype, prompts, ids, results, threads)
 
 
@@ -659,6 +844,10 @@ def _report_demo(a, src: _Source, model, device, dtype, prompts, ids, results, t
                         "config": {k: spec[k] for k in ("drafter", "tree", "rule", "budget")}})
             if "controller" in spec:
                 row["settings_over_time"] = spec["controller"]["settings_over_time"]
+        if "offload" in res.extra:
+            st = res.extra["offload"]["steps"]
+            row["offload"] = {k: st.get(k) for k in ("hit_rate", "bytes_moved", "bytes_per_step", "bytes_per_token",
+                                                     "fetch_s", "misses_per_layer", "hits_per_layer")}
         rows.append(row)
     ar_tps, spec_tps = rows[0]["tokens_per_s"], rows[1]["tokens_per_s"]
     auto_row = rows[-1]
@@ -922,8 +1111,29 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         return a._run(a)
+    except BaseException as e:                      # parallel: every rank stops with this rank's message
+        _report_parallel_failure(a, e)
+        raise
     finally:
         torch.set_num_threads(threads)              # --threads is this command's, not the caller's
+        _end_parallel(a)
+
+
+def _report_parallel_failure(a: argparse.Namespace, e: BaseException) -> None:
+    if getattr(a, "parallel", None) is None or (isinstance(e, SystemExit) and not e.code):
+        return
+    from .models.parallel import report_failure
+    report_failure(getattr(a, "rank", -1), str(e) or type(e).__name__)
+
+
+def _end_parallel(a: argparse.Namespace) -> None:
+    if getattr(a, "parallel", None) is None:
+        return
+    import torch.distributed as dist
+    from .models.parallel import stop_watchdog
+    stop_watchdog()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,26 +34,35 @@ def _require_kernels_for(t: Tensor) -> None:
 
 
 def route_topk(logits: Tensor, top_k: int, *, scoring: str = "softmax", bias: Tensor | None = None,
-               renormalize: bool = True) -> tuple[Tensor, Tensor]:
+               renormalize: bool = True, n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2",
+               scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Natural top-K expert routing.
 
     logits [T, E] (float32, bfloat16 or float16) -> (weights [T, K] float32, ids [T, K] int32).
     scoring: "softmax" over all E or elementwise "sigmoid". bias [E] float32, optional: added to the
-    probabilities for *selection only* (DeepSeek-V3). renormalize: divide weights by their sum
-    (norm_topk_prob). Ids are best-first; ties go to the lower expert index.
+    probabilities for *selection only* (DeepSeek-V3's e_score_correction_bias). renormalize: divide
+    weights by their sum (norm_topk_prob). Ids are best-first; ties go to the lower expert index.
+    Grouped top-K (DeepSeek-V2/V3, GLM-4.5): with n_group G > 1 the experts form G contiguous groups of
+    E/G; each token keeps its topk_group best groups and picks its top-K among their experts. A group's
+    score is the sum of its two best values ("top2", V3 / GLM) or its best value ("max", V2) of
+    P + bias (bias given) or P; ties go to the lower group index; a NaN score (+Inf + -Inf bias) counts
+    as -inf. Needs E % G == 0, G <= 32, topk_group * E/G >= top_k. scale (> 0): the final weights are
+    multiplied by it (routed_scaling_factor, after renormalization).
     Non-finite values (rules of csrc/kernels/routing.h, the same on CPU, CUDA and in the reference):
     NaN logits count as -inf (probability 0, chosen last); +Inf logits count as the largest finite
     float, so a row's +Inf experts share its probability equally (one +Inf: that expert gets weight 1)
     and rank first; a NaN bias entry makes that expert's selection key -inf (chosen last).
     """
     _require_kernels_for(logits)
-    return _ops.route_topk(logits, top_k, scoring, bias, renormalize)
+    return _ops.route_topk(logits, top_k, scoring, bias, renormalize, int(n_group), int(topk_group), group_scoring,
+                           float(scale))
 
 
 def route_budget(logits: Tensor, top_k: int, budget: int | None = None, *, scoring: str = "softmax",
                  bias: Tensor | None = None, renormalize: bool = True,
                  token_weights: Tensor | None = None, protect: Tensor | None = None,
-                 policy: str = "substitute", check_finite: bool = False) -> Routing:
+                 policy: str = "substitute", check_finite: bool = False, n_group: int = 1, topk_group: int = 1,
+                 group_scoring: str = "top2", scale: float = 1.0) -> Routing:
     """Top-K routing under a per-layer expert budget (MoE-Spec), plus grouping for the expert GEMM.
 
     logits [T, E]; budget B >= top_k (None: B = E, plain routing). Expert scores
@@ -61,7 +70,11 @@ def route_budget(logits: Tensor, top_k: int, budget: int | None = None, *, scori
     best experts are kept (ties to the lower index), the natural experts of tokens with
     protect[t] (bool [T]) ranked first. policy "substitute": each token re-picks its top-K among the
     kept experts; "truncate": out-of-budget slots become id -1 / weight 0. Weights are then
-    renormalized when `renormalize`. With B >= E the result equals `route_topk` exactly.
+    renormalized when `renormalize` and multiplied by `scale`. With B >= E the result equals `route_topk`
+    exactly. Grouped routing (n_group, topk_group, group_scoring: see `route_topk`): the natural experts
+    are the group-restricted top-K; "substitute" re-picks among the kept experts of the token's own groups
+    first and fills any remaining slots with the best other kept experts (a token whose natural experts
+    were all kept keeps them).
     Outputs have fixed sizes (no host synchronization; CUDA-graph capturable): see `Routing`.
 
     Protection is guaranteed while the protected tokens' natural experts number at most Bk (e.g. one
@@ -79,7 +92,8 @@ def route_budget(logits: Tensor, top_k: int, budget: int | None = None, *, scori
         _refuse_non_finite(logits, bias, token_weights)
     _require_kernels_for(logits)
     return Routing(*_ops.route_budget(logits, top_k, budget, scoring, bias, renormalize,
-                                      token_weights, protect, policy))
+                                      token_weights, protect, policy, int(n_group), int(topk_group), group_scoring,
+                                      float(scale)))
 
 
 def _refuse_non_finite(logits: Tensor, bias: Tensor | None, token_weights: Tensor | None) -> None:

@@ -53,23 +53,53 @@ def selection_key(logits: Tensor, probs: Tensor, bias: Tensor | None) -> Tensor:
     return torch.where(torch.isnan(key), torch.full_like(key, float("-inf")), key)
 
 
-def _weights_for(probs: Tensor, ids: Tensor, renormalize: bool) -> Tensor:
+def _weights_for(probs: Tensor, ids: Tensor, renormalize: bool, scale: float = 1.0) -> Tensor:
     valid = ids >= 0
     w = torch.where(valid, probs.gather(1, ids.clamp_min(0).long()), torch.zeros((), dtype=probs.dtype))
     if renormalize:
         s = w.sum(dim=-1, keepdim=True)
         w = torch.where(s > 0, w / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w))
-    return w
+    return w * scale
+
+
+GROUP_SCORINGS = ("top2", "max")
+
+
+def group_mask(probs: Tensor, bias: Tensor | None, n_group: int, topk_group: int, group_scoring: str) -> Tensor:
+    """[T, E] bool: expert e lies in one of token t's topk_group best groups (experts in n_group contiguous
+    groups of E / n_group). A group's score: the sum of its two best ("top2") or its best ("max") values of
+    P + bias (bias given; NaN counting as -inf, as the selection key) or P; a NaN score counts as -inf;
+    ties go to the lower group index. All True for n_group = 1."""
+    T, E = probs.shape
+    if n_group <= 1:
+        return torch.ones(T, E, dtype=torch.bool)
+    g = probs if bias is None else selection_key(None, probs, bias)
+    best = torch.sort(g.view(T, n_group, E // n_group), dim=-1, descending=True).values
+    score = best[..., 0] + best[..., 1] if group_scoring == "top2" else best[..., 0]
+    score = torch.where(torch.isnan(score), torch.full_like(score, float("-inf")), score)
+    groups = _stable_desc_order(score)[:, :topk_group]
+    keep = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, groups, True)
+    return keep.repeat_interleave(E // n_group, dim=1)
+
+
+def _ranked(key: Tensor, first: Tensor, second: Tensor | None = None) -> Tensor:
+    """[T, E] expert order: those with `first` by key (ties: lower id), then `second`, then the rest."""
+    o = _stable_desc_order(key)
+    rank = first.to(torch.int8) * 2 + (second.to(torch.int8) if second is not None else 0)
+    return torch.gather(o, 1, torch.sort(rank.gather(1, o), dim=1, descending=True, stable=True).indices)
 
 
 def route_topk(logits: Tensor, top_k: int, scoring: str = "softmax", bias: Tensor | None = None,
-               renormalize: bool = True) -> tuple[Tensor, Tensor]:
-    """Natural top-K routing: ([T, K] float32 weights, [T, K] int32 expert ids, best first)."""
-    assert scoring in SCORINGS
+               renormalize: bool = True, n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2",
+               scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Natural top-K routing: ([T, K] float32 weights, [T, K] int32 expert ids, best first); grouped when
+    n_group > 1 (see `group_mask`), weights times `scale`."""
+    assert scoring in SCORINGS and group_scoring in GROUP_SCORINGS
     logits, bias = logits.cpu(), (None if bias is None else bias.cpu())
     probs = router_probs(logits, scoring)
-    ids = _stable_desc_order(selection_key(logits, probs, bias))[:, :top_k]
-    return _weights_for(probs, ids, renormalize), ids.int()
+    allowed = group_mask(probs, bias, n_group, topk_group, group_scoring)
+    ids = _ranked(selection_key(logits, probs, bias), allowed)[:, :top_k]
+    return _weights_for(probs, ids, renormalize, scale), ids.int()
 
 
 def clean_token_weights(token_weights: Tensor) -> Tensor:
@@ -89,9 +119,10 @@ def expert_scores(probs: Tensor, token_weights: Tensor | None) -> Tensor:
 def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softmax",
                  bias: Tensor | None = None, renormalize: bool = True,
                  token_weights: Tensor | None = None, protect: Tensor | None = None,
-                 policy: str = "substitute") -> Routing:
+                 policy: str = "substitute", n_group: int = 1, topk_group: int = 1, group_scoring: str = "top2",
+                 scale: float = 1.0) -> Routing:
     """Budgeted routing + grouping; see `specmoe_ext.ops.route_budget` for the contract."""
-    assert scoring in SCORINGS and policy in POLICIES
+    assert scoring in SCORINGS and policy in POLICIES and group_scoring in GROUP_SCORINGS
     logits, bias, token_weights, protect = (None if t is None else t.cpu()
                                             for t in (logits, bias, token_weights, protect))
     T, E = logits.shape
@@ -99,7 +130,8 @@ def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softma
     Bk = min(budget, E)
     probs = router_probs(logits, scoring)
     key = selection_key(logits, probs, bias)
-    natural = _stable_desc_order(key)[:, :K]
+    allowed = group_mask(probs, bias, n_group, topk_group, group_scoring)
+    natural = _ranked(key, allowed)[:, :K]
 
     # Kept experts: protected first, then by score, ties to the lower index (protected experts beyond
     # the budget: the Bk best-scoring of them).
@@ -113,14 +145,12 @@ def route_budget(logits: Tensor, top_k: int, budget: int, scoring: str = "softma
     kept_mask[order[:Bk]] = True
     kept = torch.nonzero(kept_mask).flatten()
 
-    if policy == "substitute":
-        o = _stable_desc_order(key)
-        o = torch.gather(o, 1, torch.sort(kept_mask[o].to(torch.int8), dim=1, descending=True,
-                                          stable=True).indices)
-        ids = o[:, :K]
+    if policy == "substitute":   # kept experts of the token's groups first, then the other kept ones
+        kept_t = kept_mask.expand(T, E)
+        ids = _ranked(key, kept_t & allowed, kept_t & ~allowed)[:, :K]
     else:  # truncate
         ids = torch.where(kept_mask[natural], natural, torch.full_like(natural, -1))
-    weights = _weights_for(probs, ids, renormalize)
+    weights = _weights_for(probs, ids, renormalize, scale)
 
     # Grouping: (token, slot) pairs as flat indices t*K+k, by kept-expert position then flat index.
     slot_of = torch.full((E,), -1, dtype=torch.long)

@@ -45,6 +45,11 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    # families.py parses these (MLA, grouped sigmoid routing, attention sinks, sliding windows, partial RoPE)
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
@@ -97,6 +102,43 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MLAArgs:
+    """Multi-head latent attention (DeepSeek-V2/V3): q through an optional low-rank projection, K/V from a
+    shared latent of kv_lora_rank plus one rotary key part of qk_rope_head_dim (what the KV cache stores)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool          # RoPE pairs (2i, 2i+1) instead of (i, i + d/2)
+    softmax_scale: float           # qk_head_dim ** -0.5, times the YaRN mscale(all dims) squared
+
+    @property
+    def latent_dim(self) -> int:
+        """Cache entry per token and layer: the normalized latent then the rotated key part."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RouterArgs:
+    """How an MoE layer turns router logits into experts (the routing op's arguments)."""
+
+    scoring: str = "softmax"       # "softmax" | "sigmoid"
+    correction_bias: bool = False  # e_score_correction_bias, added for selection only (DeepSeek-V3, GLM-4.5)
+    linear_bias: bool = False      # the router projection has a bias (GPT-OSS)
+    n_group: int = 1               # grouped top-K (DeepSeek-V2/V3, GLM-4.5)
+    topk_group: int = 1
+    group_scoring: str = "top2"    # "top2" (V3 / GLM) | "max" (V2)
+    scale: float = 1.0             # routed_scaling_factor
+    fp32_logits: bool = False      # router logits computed in float32 (DeepSeek, GLM), else the activation dtype
+
+    def op_kwargs(self) -> dict:
+        return dict(scoring=self.scoring, n_group=self.n_group, topk_group=self.topk_group,
+                    group_scoring=self.group_scoring, scale=self.scale)
+
+
+@dataclass(frozen=True)
 class ModelArgs:
     architecture: str
     family: str
@@ -131,6 +173,17 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str | None = None         # the checkpoint's dtype as declared in config.json
+    # Architecture variants of the families in families.py (defaults: the families above)
+    mla: MLAArgs | None = None             # multi-head latent attention (head_dim is then its rotary part)
+    rotary_dim: int | None = None          # RoPE on the first rotary_dim dims of each head (None: all d)
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding-window size, None = full attention
+    attn_sinks: bool = False               # GPT-OSS: a learned per-head logit joins every softmax
+    router: RouterArgs = RouterArgs()
+    shared_expert_gate: bool = True        # Qwen2-MoE's sigmoid-gated shared expert; False: ungated (DeepSeek)
+    expert_act: str = "silu"               # "silu" (SwiGLU) | "gpt_oss" (clamped SwiGLU, alpha 1.702, biases)
+    swiglu_limit: float = 7.0              # gpt_oss: gate <= limit, up in [-limit, limit]
+    norm_weight_fp32: bool = False         # RMSNorm scales by its weight before the cast (GPT-OSS)
+    n_mtp_layers: int = 0                  # multi-token-prediction layers built (num_nextn_predict_layers)
 
     @property
     def is_moe(self) -> bool:
@@ -143,6 +196,14 @@ class ModelArgs:
     @property
     def kv_size(self) -> int:
         return self.n_kv_heads * self.head_dim
+
+    @property
+    def tree_kernel_ok(self) -> bool:
+        """The tree-attention kernel's attention: plain GQA, no sinks, no sliding windows."""
+        return self.mla is None and not self.attn_sinks and not any(w for w in self.layer_windows)
+
+    def window_of(self, layer: int) -> int | None:
+        return self.layer_windows[layer] if self.layer_windows else None
 
     def replace(self, **kw) -> "ModelArgs":
         return dataclasses.replace(self, **kw)
@@ -160,7 +221,10 @@ class ModelArgs:
                                      f"{self.max_position_embeddings}")
 
     def kv_cache_bytes(self, batch_size: int, capacity: int, elem_bytes: int) -> int:
-        """Bytes of a static KV cache: L layers x (K, V) x bs x Hk x d x S slots x elem_bytes."""
+        """Bytes of a static KV cache: L layers x (K, V) x bs x Hk x d x S slots x elem_bytes; MLA: L layers x
+        bs x (kv_lora_rank + qk_rope_head_dim) x S slots x elem_bytes (the latent, no separate values)."""
+        if self.mla is not None:
+            return self.n_layers * batch_size * self.mla.latent_dim * capacity * elem_bytes
         return self.n_layers * 2 * batch_size * self.n_kv_heads * self.head_dim * capacity * elem_bytes
 
     @staticmethod
@@ -285,6 +349,9 @@ def _rope(c: _Config) -> RopeConfig:
 
 def _parse(cfg: dict[str, Any]) -> ModelArgs:
     arch, fam = _arch_of(cfg)
+    if fam not in _FAMILY_DEFAULTS:
+        from .families import parse_family
+        return parse_family(cfg, arch, fam)
     c = _Config(cfg, _FAMILY_DEFAULTS[fam])
     for k in _REQUIRED:
         if cfg.get(k) is None:

@@ -4,6 +4,9 @@ Shape legend: L layers, bs requests (rows), Hk key-value heads, S capacity (slot
 T tokens written by one forward.
 
     k[l], v[l]   [bs, Hk, S, d]   (model dtype, on the model's device)
+    MLA models (DeepSeek-V2/V3): k[l] [bs, 1, S, kv_lora_rank + qk_rope_head_dim] holds each token's normalized
+                 latent then its rotated key part, and v is empty: values are the latent's first kv_lora_rank
+                 dims (models/mla.py), so a token costs L x (r + dr) elements instead of L x 2 x Hk x d
     lengths      [bs] int64 on the device: committed tokens per request (slots 0..len-1 hold them in order)
     host lengths the same numbers on the host: capacity checks never need a device sync
 
@@ -61,14 +64,14 @@ def _as_list(n: int | Sequence[int], bs: int, what: str) -> list[int]:
 
 class KVCache:
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str, values: bool = True):
         if capacity <= 0 or batch_size <= 0:
             raise ValueError(f"KVCache needs capacity > 0 and batch_size > 0 (got {capacity}, {batch_size})")
         self.n_layers, self.batch_size, self.capacity = n_layers, batch_size, capacity
         self.n_kv_heads, self.head_dim, self.dtype = n_kv_heads, head_dim, dtype
         shape = (batch_size, n_kv_heads, capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)] if values else []
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._host_lengths = [0] * batch_size
         self._rows = torch.arange(batch_size, device=device)[:, None]
@@ -80,6 +83,8 @@ class KVCache:
         a = model.args
         w = model.tok_embeddings.weight
         a.check_context(capacity)
+        if a.mla is not None:    # one latent row per token and layer, no separate values
+            return cls(a.n_layers, batch_size, 1, a.mla.latent_dim, capacity, w.dtype, w.device, values=False)
         return cls(a.n_layers, batch_size, a.n_kv_heads, a.head_dim, capacity, w.dtype, w.device)
 
     @property
@@ -93,6 +98,10 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token of one request takes, over all layers (K and V, or the MLA latent)."""
+        return sum(t.shape[1] * t.shape[3] * t.element_size() for t in self.k + self.v)
 
     def host_lengths(self) -> list[int]:
         return list(self._host_lengths)
@@ -206,6 +215,7 @@ class KVCache:
 
     # ---- device-side writes (called from the forward; no host checks, graph-capturable) --------------
     def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        """k, v [bs, T, Hk, d] -> rows at slots [bs, T] of layer `layer`."""
+        """k, v [bs, T, Hk, d] -> rows at slots [bs, T] of layer `layer` (v None: a cache without values)."""
         self.k[layer][self._rows, :, slots] = k
-        self.v[layer][self._rows, :, slots] = v
+        if v is not None:
+            self.v[layer][self._rows, :, slots] = v

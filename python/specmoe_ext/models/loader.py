@@ -186,7 +186,11 @@ class Piece:
 
 def weight_plan(args: ModelArgs, available: set[str] | None = None) -> list[Piece]:
     """The checkpoint tensors this architecture needs, and where each goes. `available` (the keys present)
-    picks between the per-expert and the fused expert layouts, and Mixtral's two module names."""
+    picks between the per-expert and the fused expert layouts, and Mixtral's two module names. DeepSeek,
+    GLM-4.5 and GPT-OSS checkpoints: families.weight_plan."""
+    from . import families
+    if args.family in families.FAMILIES:
+        return families.weight_plan(args, available)
     avail = available or set()
     h, V, d = args.hidden_size, args.vocab_size, args.head_dim
     q, kv = args.q_size, args.kv_size
@@ -328,7 +332,8 @@ def validate(args: ModelArgs, headers: dict[str, _Header], where: str) -> list[P
     missing = need - set(headers)
     if missing:
         raise CheckpointError(f"{where}: missing tensors for {args.architecture}: {_names(missing)}")
-    ignorable = {k for k in headers if k.endswith(_IGNORED_SUFFIXES)}
+    from .families import shared_copies
+    ignorable = {k for k in headers if k.endswith(_IGNORED_SUFFIXES)} | (shared_copies(args) & set(headers))
     if args.tie_word_embeddings:
         ignorable.add("lm_head.weight")   # tied: transformers uses the embedding too
     unexpected = set(headers) - need - ignorable
@@ -421,19 +426,45 @@ def default_cpu_threads(n_params: int) -> int:
 # ---- loading ----------------------------------------------------------------------------------------
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: str | torch.dtype | None = None, check_finite: bool = False) -> Transformer:
+               dtype: str | torch.dtype | None = None, check_finite: bool = False, offload=None,
+               parallel=None, comm=None) -> Transformer:
     """Checkpoint folder -> eval-mode Transformer on `device` in `dtype` (None: bf16 on CUDA, fp32 on CPU).
     device "meta": every check, then the shapes only (no tensor is read). check_finite: refuse NaN / Inf
-    weights (one more pass over each tensor while it is copied)."""
+    weights (one more pass over each tensor while it is copied). offload: an `offload.OffloadConfig`: the
+    MoE layers' experts are copied from the files straight into host memory (page-locked on CUDA), the
+    rest and an expert cache go to `device` (models/offload.py); its errors name the setting, before
+    anything is allocated. parallel: a `parallel.ParallelConfig` (tensor or expert parallelism): this
+    rank's shard only, read as slices of the memory-mapped files (models/parallel.py; `comm`, or the
+    initialized / torchrun process group)."""
     path = Path(path)
     device = resolve_device(device)
     tdtype = resolve_dtype(dtype, device)
     args = load_args(path)
     headers = read_headers(_weight_files(path))
+    from .families import with_checkpoint_layers
+    args = with_checkpoint_layers(args, headers)    # MTP layers: only those the files carry
     plan = validate(args, headers, str(path))
-    check_device_memory(param_bytes(args, tdtype), device, str(path))
-
-    model = empty_model(args, device, tdtype)
+    rules: dict = {}
+    if parallel is not None:
+        if offload is not None:
+            raise ValueError("expert offloading together with tensor / expert parallelism is not supported")
+        from . import parallel as par
+        comm = par.resolve_comm(parallel, comm, device)
+        local = par.local_meta_model(args, parallel, comm)
+        check_device_memory(local.num_parameters() * torch.empty((), dtype=tdtype).element_size(), device,
+                            f"{path} (rank {comm.rank} of {comm.world})")
+        model = par.empty_local_model(args, parallel, comm, device, tdtype)
+        rules = model.parallel.rules
+        with torch.device("meta"):
+            full_shapes = {n: tuple(t.shape) for n, t in Transformer(args).named_parameters()}
+    elif offload is not None:
+        from .offload import check_offload_memory, empty_offloaded_model, plan_offload
+        oplan = plan_offload(args, tdtype, offload)
+        check_offload_memory(oplan, device, str(path), check_device_memory)
+        model = empty_offloaded_model(args, device, tdtype, offload, oplan)
+    else:
+        check_device_memory(param_bytes(args, tdtype), device, str(path))
+        model = empty_model(args, device, tdtype)
     if device.type == "meta":
         return model
     params = dict(model.named_parameters())
@@ -448,15 +479,20 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
             with safe_open(str(fp), framework="pt", device="cpu") as f:  # memory-mapped
                 for p in pieces:
                     dst = params[p.param]
-                    view = dst[p.index] if p.index else dst
-                    src = f.get_tensor(p.key)
-                    if check_finite and not bool(torch.isfinite(src).all()):
-                        not_finite.append(p.key)
-                    view.copy_(src)
-                    filled[p.param] = filled.get(p.param, 0) + view.numel()
+                    rule = rules.get(p.param)
+                    # this rank's parts of the piece (parallel: slices read from the mapped file)
+                    parts = [((), p.index)] if rule is None else par.map_piece(p.index, p.shape, rule)
+                    for src_index, dst_index in parts:
+                        view = dst[dst_index] if dst_index else dst
+                        src = f.get_slice(p.key)[src_index] if src_index else f.get_tensor(p.key)
+                        if check_finite and not bool(torch.isfinite(src).all()):
+                            not_finite.append(p.key)
+                        view.copy_(src)
+                        filled[p.param] = filled.get(p.param, 0) + view.numel()
     if not_finite:
         raise CheckpointError(f"{path}: tensors with NaN or Inf values: {_names(not_finite)}")
-    unfilled = [n for n, t in params.items() if filled.get(n, 0) != t.numel()]
+    want = {n: (t.numel() if n not in rules else par.rule_numel(rules[n], full_shapes[n])) for n, t in params.items()}
+    unfilled = [n for n in params if filled.get(n, 0) != want[n]]
     if unfilled:  # a bug in weight_plan, not a user error
         raise AssertionError(f"weight plan left parameters (partly) unfilled: {unfilled}")
     return model
@@ -471,7 +507,7 @@ def hf_state_dict(model: Transformer, fused_experts: bool = False) -> dict[str, 
     args = model.args
     params = dict(model.named_parameters())
     out: dict[str, Tensor] = {}
-    if fused_experts:
+    if fused_experts and args.expert_act != "gpt_oss":   # GPT-OSS's plan already is its fused layout
         # Fused layout: stacked expert tensors are the same objects as ours.
         for i in range(args.n_layers):
             if args.moe_layers[i]:

@@ -1,4 +1,6 @@
-"""A compact decoder (gpt-fast style) covering Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama, Qwen2, Qwen3.
+"""A compact decoder (gpt-fast style) covering Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Llama, Qwen2, Qwen3, and
+DeepSeek-V2/V3, GLM-4.5, GPT-OSS (their attention and MoE variants: mla.py, attention_variants.py,
+moe_variants.py, mtp_layer.py; config and weight layout: families.py).
 
 Shape legend: bs requests, T tokens per request in this forward, S KV-cache capacity (slots per request),
 h hidden, V vocab, Hq/Hk query/key-value heads, d head dim, E experts, K experts per token, f expert FFN,
@@ -141,6 +143,8 @@ class MoEControl:
     token_mask     [N] bool: tokens with False skip the experts (MoE output 0; shared expert still runs).
                    For padding nodes of draft trees, so they neither load experts nor skew statistics.
     stats          an `ExpertStats` to fill (natural vs routed expert counts per layer).
+    resident_only  offloaded experts (models/offload.py): run only the experts in the device cache, fetch
+                   nothing (the self drafter, whose expert_map points into the cache's resident set).
     The budget applies to all N tokens of the forward together: the expert weights read per layer are
     shared by the whole batch, so a batch-wide budget is what bounds the traffic.
     """
@@ -155,6 +159,7 @@ class MoEControl:
     expert_map: Sequence[Tensor | None] | None = None
     token_mask: Tensor | None = None
     stats: ExpertStats | None = None
+    resident_only: bool = False
 
     def budget_for(self, layer: int) -> int | None:
         if self.budget is None or isinstance(self.budget, int):
@@ -183,16 +188,16 @@ def _use_tree_kernel(x: Tensor, head_dim: int) -> bool:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight_fp32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_fp32 = eps, weight_fp32   # weight_fp32: scale before the cast (GPT-OSS)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return (self.weight * xf).to(dtype) if self.weight_fp32 else self.weight * xf.to(dtype)
 
 
 class Attention(nn.Module):
@@ -210,6 +215,8 @@ class Attention(nn.Module):
         elif args.qk_norm == "full":
             self.q_norm = RMSNorm(self.q_size, args.rms_norm_eps)
             self.k_norm = RMSNorm(self.kv_size, args.rms_norm_eps)
+        # GPT-OSS: a learned logit per query head joins every softmax (attention_variants.sink_attention)
+        self.sinks = nn.Parameter(torch.zeros(args.n_heads)) if args.attn_sinks else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache, slots: Tensor | None, mask: Tensor) -> Tensor:
         bs, T, _ = x.shape
@@ -224,7 +231,11 @@ class Attention(nn.Module):
         v = v.view(bs, T, self.n_kv_heads, self.head_dim)
         if self.qk_norm == "head":  # Qwen3 normalizes each head over d
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos.shape[-1] == self.head_dim:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:                                      # partial rotary (GLM-4.5): the first rotary_dim dims
+            from .attention_variants import apply_partial_rope
+            q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
         if cache is not None:
             cache.write(self.layer, k, v, slots)
             keys, values = cache.k[self.layer], cache.v[self.layer]        # [bs, Hk, S, d]
@@ -237,14 +248,19 @@ class Attention(nn.Module):
             keys, values = keys[:, :, :S], values[:, :, :S]
         else:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)            # [bs, Hk, T, d]
-        out = attention(q.transpose(1, 2), keys, values, mask)              # [bs, Hq, T, d]
+        if self.sinks is not None:
+            from .attention_variants import sink_attention
+            out = sink_attention(q.transpose(1, 2), keys, values, mask, self.sinks, self.head_dim ** -0.5)
+        else:
+            out = attention(q.transpose(1, 2), keys, values, mask)          # [bs, Hq, T, d]
         return self.wo(out.transpose(1, 2).reshape(bs, T, self.q_size))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """Masked GQA attention (reference, SDPA). q [bs, Hq, T, d], k/v [bs, Hk, S, d], mask bool [bs, T, S]
-    -> [bs, Hq, T, d]. The Hq/Hk query heads sharing a KV head are folded into the query length, so the
-    KV cache is read as is (no repeat_interleave copy of S x d per head)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float | None = None) -> Tensor:
+    """Masked GQA attention (reference, SDPA). q [bs, Hq, T, d], k/v [bs, Hk, S, d] (v may have its own
+    width dv: MLA), mask bool [bs, T, S] -> [bs, Hq, T, dv]; scale default d ** -0.5. The Hq/Hk query heads
+    sharing a KV head are folded into the query length, so the KV cache is read as is (no
+    repeat_interleave copy of S x d per head)."""
     bs, Hq, T, d = q.shape
     Hk, S = k.shape[1], k.shape[2]
     rep = Hq // Hk
@@ -253,8 +269,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         m = mask[:, None, None].expand(bs, 1, rep, T, S).reshape(bs, 1, rep * T, S)
     else:
         m = mask[:, None]
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-    return o.reshape(bs, Hq, T, d)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale)
+    return o.reshape(bs, Hq, T, o.shape[-1])
 
 
 class DenseMLP(nn.Module):
@@ -278,26 +294,41 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         E, h, f = args.n_experts, args.hidden_size, args.moe_intermediate_size
         self.n_experts, self.top_k, self.renormalize = E, args.top_k, args.norm_topk_prob
-        self.gate = nn.Linear(h, E, bias=False)
+        self.router_args = args.router                # scoring, groups, scale (families.py)
+        self.gate = nn.Linear(h, E, bias=args.router.linear_bias)
+        if args.router.correction_bias:               # DeepSeek-V3 / GLM-4.5: selection-only bias, kept float32
+            from .moe_variants import Float32Param
+            self.correction = Float32Param(E)
+        else:
+            self.correction = None
         self.w13 = nn.Parameter(torch.empty(E, 2 * f, h))
         self.w2 = nn.Parameter(torch.empty(E, h, f))
         fs = args.shared_expert_intermediate_size
         self.shared = DenseMLP(h, fs) if fs else None
-        self.shared_gate = nn.Linear(h, 1, bias=False) if fs else None
+        self.shared_gate = nn.Linear(h, 1, bias=False) if fs and args.shared_expert_gate else None
+        self.offload = None            # offload.LayerExperts when w13 / w2 live in host memory
 
     def forward(self, x: Tensor, moe: MoEControl = _PLAIN, layer: int = 0) -> Tensor:
         shape = x.shape
         xf = x.reshape(-1, shape[-1])                                  # [N, h]
-        logits = self.gate(xf)                                         # [N, E] in the activation dtype, as HF
+        ra = self.router_args
+        if ra.fp32_logits:                                             # DeepSeek / GLM: float32 router logits
+            logits = F.linear(xf.float(), self.gate.weight.float())
+        else:
+            logits = self.gate(xf)                                     # [N, E] in the activation dtype, as HF
+        rkw = dict(ra.op_kwargs(), bias=None if self.correction is None else self.correction.weight)
         budget = moe.budget_for(layer)
         if budget is not None and budget < self.top_k:
             raise ValueError(f"layer {layer}: expert budget {budget} < top_k {self.top_k}")
         route = moe.router or _route_budget()
-        routing = route(logits, self.top_k, self.n_experts if budget is None else budget, scoring="softmax", renormalize=self.renormalize,
-                        token_weights=moe.token_weights, protect=moe.protect, policy=moe.policy)
+        if self.offload is not None:   # marks the forward; the residency-aware budget router if configured
+            route = self.offload.route(route, budget, moe)
+        routing = route(logits, self.top_k, self.n_experts if budget is None else budget, renormalize=self.renormalize,
+                        token_weights=moe.token_weights, protect=moe.protect, policy=moe.policy, **rkw)
         natural_ids = None
         if moe.stats is not None:  # what the tokens wanted, before budget / expert map / token mask
-            natural_ids = routing.ids if budget is None else _route_topk()(logits, self.top_k)[1]
+            natural_ids = (routing.ids if budget is None else
+                           _route_topk()(logits, self.top_k, renormalize=self.renormalize, **rkw)[1])
         emap = moe.expert_map_for(layer)
         if emap is not None or moe.token_mask is not None:
             routing = remap_routing(routing, emap, moe.token_mask, self.n_experts)
@@ -305,22 +336,42 @@ class MoEFeedForward(nn.Module):
             moe.record.append((layer, routing))
         if moe.stats is not None:
             moe.stats.add(layer, natural_ids, routing.ids, self.n_experts)
-        shared = None
-        if self.shared is not None:   # Qwen2-MoE: ws = sigmoid(x . g), added by the expert op
+        return self.run_experts(xf, routing, moe).view(shape)
+
+    def shared_expert(self, xf: Tensor) -> "tuple[Tensor, Tensor, Tensor] | None":
+        """Qwen2-MoE: (w13s, w2s, ws = sigmoid(x . g)) for the expert op to add; DeepSeek / GLM: ungated,
+        ws = 1; None without one."""
+        if self.shared is None:
+            return None
+        if self.shared_gate is None:
+            ws = torch.ones(xf.shape[0], dtype=torch.float32, device=xf.device)
+        else:
             ws = torch.sigmoid(self.shared_gate(xf).float())[:, 0]
-            shared = (self.shared.w13.weight, self.shared.w2.weight, ws)
-        y = moe_experts(xf, self.w13, self.w2, routing, impl=moe.impl, shared=shared)
-        return y.view(shape)
+        return self.shared.w13.weight, self.shared.w2.weight, ws
+
+    def run_experts(self, xf: Tensor, routing, moe: MoEControl) -> Tensor:
+        """xf [N, h] and the routing that runs -> [N, h]: the experts (+ the shared expert)."""
+        w13, w2 = self.w13, self.w2
+        if self.offload is not None:   # fetch the missing experts; the routing over the cache's rows
+            w13, w2, routing = self.offload.experts(xf, routing, moe.resident_only)
+        return moe_experts(xf, w13, w2, routing, impl=moe.impl, shared=self.shared_expert(xf))
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer = layer
-        self.attention = Attention(args, layer)
-        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        if args.moe_layers[layer]:
+        if args.mla is not None:                      # DeepSeek-V2/V3: latent attention (mla.py)
+            from .mla import MLAttention
+            self.attention = MLAttention(args, layer)
+        else:
+            self.attention = Attention(args, layer)
+        self.attention_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_weight_fp32)
+        self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_weight_fp32)
+        if args.moe_layers[layer] and args.expert_act == "gpt_oss":   # clamped SwiGLU experts (moe_variants.py)
+            from .moe_variants import GptOssMoE
+            self.ffn = GptOssMoE(args)
+        elif args.moe_layers[layer]:
             self.ffn = MoEFeedForward(args)
         else:
             self.ffn = DenseMLP(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
@@ -336,17 +387,20 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, args.norm_weight_fp32)
         # Tied embeddings: no separate output matrix (the embedding is used), so meta-device construction,
         # to_empty() and state dicts never have to re-tie anything.
         self.output = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        inv, self.rope_scale = inv_freq_and_scale(args.rope, args.head_dim)
+        inv, self.rope_scale = inv_freq_and_scale(args.rope, args.rotary_dim or args.head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)
+        if args.n_mtp_layers:                          # DeepSeek-V3 / GLM-4.5 MTP layers (speculative/mtp.py drafts)
+            from .mtp_layer import MTPLayer
+            self.mtp = nn.ModuleList(MTPLayer(args) for _ in range(args.n_mtp_layers))
 
     # ---- construction helpers ------------------------------------------------------------------
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (needed after `to_empty()` from the meta device)."""
-        inv, self.rope_scale = inv_freq_and_scale(self.args.rope, self.args.head_dim)
+        inv, self.rope_scale = inv_freq_and_scale(self.args.rope, self.args.rotary_dim or self.args.head_dim)
         self.inv_freq = inv.to(self.tok_embeddings.weight.device)
 
     @torch.no_grad()
@@ -368,6 +422,10 @@ class Transformer(nn.Module):
     def output_weight(self) -> Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
+    def lm_head(self, x: Tensor) -> Tensor:
+        """[..., h] final-norm states -> [..., V] logits (models/parallel.py: vocab-parallel + gather)."""
+        return F.linear(x, self.output_weight())
+
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, tokens: Tensor, geo: "Geometry | Tensor", cache=None, moe: MoEControl | None = None,
                 logits_index: Tensor | None = None, hidden_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
@@ -388,20 +446,25 @@ class Transformer(nn.Module):
             slots, mask = None, causal_mask(torch.arange(T, device=tokens.device).expand(bs, T), T)
         moe = moe or _PLAIN
         x = self.tok_embeddings(tokens)
-        if isinstance(mask, PrefixTreeMask) and not _use_tree_kernel(x, self.args.head_dim):
+        if isinstance(mask, PrefixTreeMask) and not (self.args.tree_kernel_ok and _use_tree_kernel(x, self.args.head_dim)):
             mask = mask.dense(cache.attend_limit)                               # once, not per layer
+        masks = {None: mask}                          # sliding-window layers: their own mask, once per window
+        if any(self.args.layer_windows):
+            from .attention_variants import window_mask
+            for w in set(self.args.layer_windows) - {None}:
+                masks[w] = window_mask(mask, positions, slots, w)
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_scale, x.dtype)
         captured: dict[int, Tensor] = {}
         for i, layer in enumerate(self.layers):
             if i in hidden_layers:
                 captured[i] = x
-            x = layer(x, cos, sin, cache, slots, mask, moe)
+            x = layer(x, cos, sin, cache, slots, masks[self.args.window_of(i)], moe)
         captured[n_layers] = x
         hidden = [captured[i] for i in hidden_layers]
         if logits_index is not None:
             x = torch.gather(x, 1, logits_index[..., None].expand(-1, -1, x.shape[-1]))
         x = self.norm(x)
-        return F.linear(x, self.output_weight()), hidden
+        return self.lm_head(x), hidden
 
     # ---- accounting -------------------------------------------------------------------------------
     def num_parameters(self) -> int:

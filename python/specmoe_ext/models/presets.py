@@ -9,7 +9,11 @@ seeded random weights generated directly on the target device (no host copy, no 
     olmoe-1b-7b     OlmoeForCausalLM      L=16 h=2048 E=64  K=8  f=1024            6.9B params, 14 GB bf16
     qwen2-57b-a14b  Qwen2MoeForCausalLM   L=28 h=3584 E=64  K=8  f=2560 + shared  57.4B params, 115 GB bf16
     mixtral-8x7b    MixtralForCausalLM    L=32 h=4096 E=8   K=2  f=14336          46.7B params, 93 GB bf16
-(the last two need an H200; the device-memory check says so before allocating anything).
+    gpt-oss-20b     GptOssForCausalLM     L=24 h=2880 E=32  K=4  f=2880  sinks, window 128 / full   20.9B, 42 GB
+    deepseek-v2-lite DeepseekV2ForCausalLM L=27 h=2048 E=64 K=6  f=1408  MLA r=512 + 2 shared    15.7B, 31 GB
+    deepseek-v3-lite DeepseekV3ForCausalLM the V2-Lite sizes with DeepSeek-V3's routing (sigmoid, correction bias,
+                    8 groups / 4 kept, scale 2.5) and one MTP layer: a synthetic config   16.3B, 33 GB
+(qwen2-57b-a14b and mixtral need an H200; the device-memory check says so before allocating anything).
 
 `tiny` is a real embedded checkpoint pair (assets/tiny/{target,draft}, trained by scripts/train_tiny.py
 on Python-stdlib docstrings): a Qwen3-MoE target (4 layers, 8 experts top-2) and a Qwen3 dense draft
@@ -67,6 +71,42 @@ _MIXTRAL_8X7B: dict[str, Any] = {
 }
 
 
+_GPT_OSS_20B: dict[str, Any] = {   # openai/gpt-oss-20b's config.json, in bf16 (its quantization_config dropped)
+    "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880,
+    "intermediate_size": 2880, "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8,
+    "head_dim": 64, "num_local_experts": 32, "num_experts_per_tok": 4, "experts_per_token": 4,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "sliding_window": 128, "attention_bias": True,
+    "hidden_act": "silu", "max_position_embeddings": 131072, "initial_context_length": 4096, "rms_norm_eps": 1e-5,
+    "rope_theta": 150000, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                           "truncate": False, "original_max_position_embeddings": 4096},
+    "swiglu_limit": 7.0, "tie_word_embeddings": False, "eos_token_id": 200002, "pad_token_id": 199999,
+    "torch_dtype": "bfloat16",
+}
+_DEEPSEEK_V2_LITE: dict[str, Any] = {   # deepseek-ai/DeepSeek-V2-Lite's config.json
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400,
+    "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27,
+    "num_attention_heads": 16, "num_key_value_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+    "num_experts_per_tok": 6, "first_k_dense_replace": 1, "moe_layer_freq": 1, "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 1,
+    "topk_group": 1, "topk_method": "greedy", "scoring_func": "softmax", "norm_topk_prob": False,
+    "routed_scaling_factor": 1.0, "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-6,
+    "rope_theta": 10000, "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1,
+                                          "mscale": 0.707, "mscale_all_dim": 0.707,
+                                          "original_max_position_embeddings": 4096},
+    "attention_bias": False, "tie_word_embeddings": False, "bos_token_id": 100000, "eos_token_id": 100001,
+    "torch_dtype": "bfloat16",
+}
+# Not a published model: DeepSeek-V2-Lite's sizes in the DeepSeek-V3 architecture (sigmoid scores with the
+# correction bias, 8 expert groups of which 4 are kept, routed_scaling_factor 2.5, renormalized) and one MTP
+# layer, so grouped routing and the MTP drafter can be measured on one GPU.
+_DEEPSEEK_V3_LITE: dict[str, Any] = {
+    **{k: v for k, v in _DEEPSEEK_V2_LITE.items() if k not in ("topk_method", "scoring_func", "moe_layer_freq")},
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "n_group": 8, "topk_group": 4,
+    "routed_scaling_factor": 2.5, "norm_topk_prob": True, "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+    "rope_interleave": True, "num_nextn_predict_layers": 1,
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -93,6 +133,11 @@ PRESETS: dict[str, Preset] = {
     "olmoe-1b-7b": Preset("olmoe-1b-7b", "OLMoE-1B-7B-0924 architecture, random weights", _OLMOE_1B_7B),
     "qwen2-57b-a14b": Preset("qwen2-57b-a14b", "Qwen2-57B-A14B architecture, random weights", _QWEN2_57B_A14B),
     "mixtral-8x7b": Preset("mixtral-8x7b", "Mixtral-8x7B-v0.1 architecture, random weights", _MIXTRAL_8X7B),
+    "gpt-oss-20b": Preset("gpt-oss-20b", "gpt-oss-20b architecture (bf16), random weights", _GPT_OSS_20B),
+    "deepseek-v2-lite": Preset("deepseek-v2-lite", "DeepSeek-V2-Lite architecture (MLA), random weights",
+                               _DEEPSEEK_V2_LITE),
+    "deepseek-v3-lite": Preset("deepseek-v3-lite", "DeepSeek-V3 architecture at V2-Lite size + 1 MTP layer "
+                               "(synthetic config), random weights", _DEEPSEEK_V3_LITE),
 }
 DEFAULT_PRESET = "tiny"
 
@@ -115,7 +160,8 @@ def build_preset(name: str, device: torch.device | str = "cpu", dtype: str | tor
         return load_model(p.path, device, dtype)
     args = p.args()
     if n_layers is not None:
-        args = args.replace(n_layers=n_layers, moe_layers=args.moe_layers[:n_layers])
+        args = args.replace(n_layers=n_layers, moe_layers=args.moe_layers[:n_layers],
+                            layer_windows=args.layer_windows[:n_layers])
     tdtype = resolve_dtype(dtype, device)
     check_device_memory(param_bytes(args, tdtype), device, f"preset {name}")
     model = empty_model(args, device, tdtype)

@@ -229,17 +229,30 @@ class ModelDrafter(Drafter):
 # ---- 2. the self-assisted drafter (SpecMoE) ---------------------------------------------------------
 
 @torch.no_grad()
-def expert_affinity(w13: Tensor, w2: Tensor, chunk: int = 1 << 22) -> Tensor:
+def expert_affinity(w13: Tensor, w2: Tensor, chunk: int = 1 << 22, device: torch.device | None = None) -> Tensor:
     """Cosine similarity of the experts' flattened weights [w13[e], w2[e]]: w13 [E, 2f, h], w2 [E, h, f]
-    -> [E, E] float32. Accumulated in float32 over column chunks (bounded extra memory)."""
+    -> [E, E] float32 on `device` (default: the weights'; offloaded host weights are streamed there chunk
+    by chunk). Accumulated in float32 over column chunks (bounded extra memory)."""
     E = w13.shape[0]
-    G = torch.zeros(E, E, dtype=torch.float32, device=w13.device)
+    G = torch.zeros(E, E, dtype=torch.float32, device=device or w13.device)
     for W in (w13.reshape(E, -1), w2.reshape(E, -1)):
         for a in range(0, W.shape[1], chunk):
-            c = W[:, a:a + chunk].float()
+            c = W[:, a:a + chunk].to(G.device).float()
             G += c @ c.t()
+    return cosine_from_gram(G)
+
+
+def cosine_from_gram(G: Tensor) -> Tensor:
+    """[E, E] Gram matrix of flattened expert weights -> their cosine similarities."""
     n = G.diagonal().clamp_min(1e-30).sqrt()
     return G / n[:, None] / n[None, :]
+
+
+def layer_affinity(ffn, device: torch.device) -> Tensor:
+    """[E, E] expert affinity of one MoE layer; a sharded layer (models/parallel.py) computes the whole
+    layer's from its shards, identically on every rank."""
+    own = getattr(ffn, "expert_affinity", None)
+    return own(device) if own is not None else expert_affinity(ffn.w13, ffn.w2, device=device)
 
 
 class SelfDrafter(Drafter):
@@ -250,7 +263,12 @@ class SelfDrafter(Drafter):
     `refresh` steps (host side, between steps; the counts stay on the device). A slot routed to a
     non-resident expert runs the resident expert with the highest cosine affinity to it (E x E table per
     layer, computed once here), keeping its routing weight. Shares the target's KV cache (prefix KV is
-    exact); see the module docstring."""
+    exact); see the module docstring.
+
+    Offloaded target (models/offload.py): residency is real. The resident experts are the expert cache's
+    (its N slots per layer; self:N must equal it), read from its device slot table at the start of every
+    proposal (inside the step); drafting runs resident experts only (`MoEControl.resident_only`: no fetch,
+    no prefetch), verification fetches what the tree needs. No heat / refresh of its own then."""
 
     name = "self"
 
@@ -259,6 +277,15 @@ class SelfDrafter(Drafter):
         if not a.is_moe:
             raise ValueError(f"the self-assisted drafter needs an MoE target ({a.architecture} has no experts)")
         E, K = a.n_experts, a.top_k
+        from ..models.offload import expert_offload
+        self.offload = expert_offload(target)
+        if self.offload is not None:
+            cached = self.offload.plan.resident
+            if n_resident is not None and int(n_resident) != cached:
+                raise ValueError(f"self drafter: the target's experts are offloaded with {cached} resident per MoE "
+                                 f"layer, so the drafter's resident experts are those {cached} (got {n_resident}; "
+                                 f"use 'self' or 'self:{cached}')")
+            n_resident = cached
         N = max(K, E // 2) if n_resident is None else int(n_resident)
         if not K <= N <= E:
             raise ValueError(f"self drafter: resident experts per layer must be in [top_k={K}, E={E}], got {N}")
@@ -268,7 +295,7 @@ class SelfDrafter(Drafter):
         self.E = E
         dev = target.tok_embeddings.weight.device
         self.moe_layers = [i for i, m in enumerate(a.moe_layers) if m]
-        self.affinity = torch.stack([expert_affinity(target.layers[i].ffn.w13, target.layers[i].ffn.w2)
+        self.affinity = torch.stack([layer_affinity(target.layers[i].ffn, dev)
                                      for i in self.moe_layers])                   # [L_moe, E, E]
         self.heat = torch.zeros(len(self.moe_layers), E, dtype=torch.float32, device=dev)
         self.maps: list[Tensor | None] = [None] * a.n_layers
@@ -282,7 +309,16 @@ class SelfDrafter(Drafter):
 
     def _refresh(self) -> None:
         """Residents = top-N hottest experts per layer (ties: lower id); map[e] = e for residents, else the
-        most similar resident by affinity. Device ops, in place (graphs read the maps)."""
+        most similar resident by affinity. Device ops, in place (graphs read the maps). Offloaded: the
+        residents are the expert cache's now (its slot table)."""
+        if self.offload is not None:
+            self.resident = None
+            res = self.offload.resident_mask()                                          # [L_moe, E]
+            ids = torch.arange(self.E, device=res.device)
+            for j, layer in enumerate(self.moe_layers):
+                aff = self.affinity[j].masked_fill(~res[j][None, :], float("-inf"))
+                self.maps[layer].copy_(torch.where(res[j], ids, aff.argmax(1)))
+            return
         order = torch.sort(self.heat, dim=1, descending=True, stable=True).indices
         self.resident = torch.sort(order[:, :self.n_resident], dim=1).values            # [L_moe, N]
         for j, layer in enumerate(self.moe_layers):
@@ -298,8 +334,13 @@ class SelfDrafter(Drafter):
         self.steps = 0
         self._refresh()
 
+    def propose(self, batch, plan: StepPlan) -> DraftTree:
+        if self.offload is not None:        # the cache's residency after the last verification's fetches
+            self._refresh()
+        return super().propose(batch, plan)
+
     def _moe(self) -> MoEControl:
-        return MoEControl(expert_map=self.maps)
+        return MoEControl(expert_map=self.maps, resident_only=self.offload is not None)
 
     def root_logits(self) -> Tensor:
         b = self._batch
@@ -320,12 +361,13 @@ class SelfDrafter(Drafter):
 
     def after_step(self) -> None:
         self.steps += 1
-        if self.steps % self.refresh == 0:
+        if self.steps % self.refresh == 0 and self.offload is None:
             self._refresh()
 
     def describe(self) -> dict:
         return {"drafter": "self", "resident_experts": self.n_resident, "experts": self.E,
-                "refresh_steps": self.refresh, "heat_decay": self.decay}
+                "refresh_steps": self.refresh, "heat_decay": self.decay,
+                "residency": "expert cache (offloaded)" if self.offload is not None else "simulated"}
 
 
 # ---- 3. n-gram / prompt lookup, on the device ----------------------------------------------------------
@@ -522,7 +564,7 @@ def tree_rows(t: Tensor, nodes: Tensor) -> Tensor:
 
 # ---- construction from a --draft string ---------------------------------------------------------------
 
-DRAFT_FORMS = "model | model:DIR | self | self:N | ngram | ngram:N | eagle:DIR"
+DRAFT_FORMS = "model | model:DIR | self | self:N | ngram | ngram:N | eagle:DIR | mtp"
 
 
 def make_drafter(spec: str, target: Transformer, *, default_draft_dir: str | os.PathLike | None = None,
@@ -531,7 +573,8 @@ def make_drafter(spec: str, target: Transformer, *, default_draft_dir: str | os.
       model       the preset's bundled draft model (default_draft_dir)   model:DIR   a checkpoint folder
       self        self-assisted with E/2 resident experts per layer       self:N      N resident experts
       ngram       prompt lookup, suffixes up to 4 tokens                  ngram:N     up to N tokens
-      eagle:DIR   an EAGLE-3 head folder in the published layout"""
+      eagle:DIR   an EAGLE-3 head folder in the published layout
+      mtp         the checkpoint's own MTP layer (DeepSeek-V3 / GLM-4.5; speculative/mtp.py)"""
     from ..models.loader import load_model
     kind, _, arg = spec.strip().partition(":")
     kind = kind.lower()
@@ -555,4 +598,9 @@ def make_drafter(spec: str, target: Transformer, *, default_draft_dir: str | os.
             raise ValueError("--draft eagle needs the head folder: --draft eagle:DIR")
         from .eagle import load_eagle3
         return Eagle3Drafter(load_eagle3(arg, target, dtype=dtype), target, arg)
+    if kind == "mtp":
+        if arg:
+            raise ValueError(f"--draft {spec!r}: mtp takes no argument (it drafts with the checkpoint's MTP layer)")
+        from .mtp import MTPDrafter
+        return MTPDrafter(target)
     raise ValueError(f"--draft {spec!r}: unknown drafter {kind!r}; expected {DRAFT_FORMS}")

@@ -453,7 +453,11 @@ class _Loop:
                        rec.predicted_s)
         self.steps.append(st)
         if self.controller is not None and (replayed or not self.runner.use_graphs):
-            self.controller.observe(setting, max(st.step_s, 1e-9), sum(st.emitted))
+            step_s = max(st.step_s, 1e-9)
+            par = getattr(self.eng.target, "parallel", None)
+            if par is not None:             # several ranks: decide on the slowest rank's time, all alike
+                step_s = par.comm.agree_max(step_s)
+            self.controller.observe(setting, step_s, sum(st.emitted))
         if self.on_step is not None:
             self.on_step(st, [emitted[b] for b in live])
 
