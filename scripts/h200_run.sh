@@ -11,6 +11,12 @@
 #   e2e        bench/bench_e2e.py on qwen3-30b-a3b (E2E_ARGS), then the tiny pair when E2E_TINY is set
 #   decode     bench/bench_decode.py (DECODE_ARGS)          plan  specmoe plan on qwen3-30b-a3b
 #   accept     bench/bench_accept.py (ACCEPT_ARGS)
+#   realpair   issue 21: realpair-train (scripts/train_pair.py: the MoE target + distilled draft on the carried
+#              corpus RP_CORPUS, default corpus/realpair = scripts/make_corpus.py's output made on the CPU side, into
+#              RP_OUT, default runs/realpair: git-ignored, so kept while the machine stays warm; a finished run with
+#              the same arguments is not redone), then realpair-bench (bench/bench_real_pair.py on the held-out
+#              split into $W). RP_TRAIN_S / RP_BENCH_S: stage limits; RP_TRAIN_ARGS / RP_BENCH_ARGS: extra flags.
+#              Carry corpus/realpair (37 MiB) and, to skip the build, SO=.gpu/_C*.so (14 MiB): 64 MiB at most.
 # Usage (device tool): DEADLINE_S=560 bash scripts/h200_run.sh tests sanitize kernels
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -75,6 +81,32 @@ for stage in "$@"; do
     accept)
       timeout "$(left ${ACCEPT_S:-150})" python3 bench/bench_accept.py --out "$W" ${ACCEPT_ARGS:-} > "$W/accept.log" 2>&1
       tail -20 "$W/accept.log" ;;
+    realpair|realpair-train|realpair-bench)
+      RP_CORPUS=${RP_CORPUS:-corpus/realpair}; RP_OUT=${RP_OUT:-runs/realpair}
+      if [ ! -f "$RP_CORPUS/manifest.json" ]; then
+        log "realpair: no corpus at $RP_CORPUS (run python scripts/make_corpus.py on the CPU side and carry it)"
+        continue
+      fi
+      cp "$RP_CORPUS/manifest.json" "$W/realpair_corpus_manifest.json"
+      if [ "$stage" != realpair-bench ]; then
+        tl=$(left ${RP_TRAIN_S:-330})
+        timeout "$tl" python3 scripts/train_pair.py --corpus "$RP_CORPUS" --out "$RP_OUT" --max-seconds $((tl - 25)) \
+          ${RP_TRAIN_ARGS:-} > "$W/realpair_train.log" 2>&1
+        log "train_pair exit $?"; tail -25 "$W/realpair_train.log"
+        cp "$RP_OUT/training.json" "$W/realpair_training.json" 2>/dev/null
+        for m in target draft; do cp "$RP_OUT/$m/config.json" "$W/realpair_${m}_config.json" 2>/dev/null; done
+        pack
+      fi
+      if [ "$stage" != realpair-train ]; then
+        if [ -f "$RP_OUT/draft/model.safetensors" ] && [ "$(left 60)" -ge 60 ]; then
+          bl=$(left ${RP_BENCH_S:-400})
+          timeout "$bl" python3 bench/bench_real_pair.py --target "$RP_OUT/target" --draft "$RP_OUT/draft" \
+            --corpus "$RP_CORPUS" --out-dir "$W" --time-limit $((bl - 45)) ${RP_BENCH_ARGS:-} > "$W/realpair_bench.log" 2>&1
+          log "bench_real_pair exit $?"; tail -40 "$W/realpair_bench.log"
+        else
+          log "realpair: no trained pair in $RP_OUT, or under 60 s left for the benchmark"
+        fi
+      fi ;;
     *) log "unknown stage $stage" ;;
   esac
   pack

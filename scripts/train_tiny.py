@@ -16,8 +16,9 @@ Shape legend: B batch of windows, T window length, V vocab (2048), E experts (8)
 The target trains with next-token cross-entropy plus a Switch-style load-balancing loss (so all 8
 experts get used); the draft with cross-entropy plus distillation (KL to the trained target's
 next-token distribution), which raises the draft's agreement with the target, i.e. the speculative
-acceptance rate. Routing during training uses `specmoe_ext.reference.route_budget`, which is
-differentiable in the router logits (the C++ op is inference-only).
+acceptance rate. The training loop is scripts/train_pair.py's `run_training` (the realpair trainer) with
+its "library" forward: `Transformer.forward` routed by `specmoe_ext.reference.route_budget`, which is
+differentiable in the router logits (the C++ op is inference-only), and the "loop" experts.
 
 Usage: python scripts/train_tiny.py [--steps-target 800] [--steps-draft 500] [--out DIR]
 (about 11 minutes on 2 idle CPU cores; the step counts, not the time, fix the result)
@@ -27,7 +28,6 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import math
 import os
 import sys
 import sysconfig
@@ -35,15 +35,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
 
-from specmoe_ext import reference  # noqa: E402
 from specmoe_ext.models.config import ModelArgs  # noqa: E402
 from specmoe_ext.models.loader import save_checkpoint  # noqa: E402
-from specmoe_ext.models.model import MoEControl, Transformer  # noqa: E402
+from specmoe_ext.models.model import Transformer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_pair import eval_ce, run_training  # noqa: E402  (the one trainer; library forward here)
 
 EOT = "<|endoftext|>"
 VOCAB = 2048
@@ -109,87 +110,6 @@ def write_tokenizer(tok, out: Path) -> None:
         "unk_token": None, "model_max_length": 2048, "clean_up_tokenization_spaces": False}, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({
         "eos_token_id": 0, "pad_token_id": 0, "do_sample": False}, indent=2) + "\n")
-
-
-def batches(data: torch.Tensor, B: int, T: int, g: torch.Generator):
-    while True:
-        i = torch.randint(0, data.numel() - T - 1, (B,), generator=g)
-        x = torch.stack([data[j:j + T + 1] for j in i.tolist()])
-        yield x[:, :-1], x[:, 1:]
-
-
-class _RecordingRouter:
-    """Differentiable routing for training; keeps each layer's router logits for the balance loss."""
-
-    def __init__(self):
-        self.logits: list[torch.Tensor] = []
-
-    def __call__(self, logits, top_k, budget, **kw):
-        self.logits.append(logits)
-        kw.pop("token_weights", None), kw.pop("protect", None)
-        return reference.route_budget(logits, top_k, budget, scoring=kw["scoring"],
-                                      renormalize=kw["renormalize"], policy=kw["policy"])
-
-
-def balance_loss(logits_list: list[torch.Tensor], E: int, K: int) -> torch.Tensor:
-    """Switch-transformer auxiliary loss: E * sum_e (fraction of top-K slots to e) * (mean prob of e)."""
-    total = 0.0
-    for lg in logits_list:
-        p = lg.float().softmax(-1)
-        ids = p.topk(K, dim=-1).indices
-        frac = torch.zeros(E).index_add_(0, ids.reshape(-1), torch.ones(ids.numel())) / ids.numel()
-        total = total + E * (frac * p.mean(0)).sum()
-    return total / len(logits_list)
-
-
-def run_training(model: Transformer, data: torch.Tensor, steps: int, lr: float, B: int, T: int,
-                 name: str, teacher: Transformer | None = None, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
-    pos = torch.arange(T).expand(B, T)
-    step, t0, ema = 0, time.time(), None
-    warmup = 30
-    args = model.args
-    model.train()
-    for x, y in batches(data, B, T, g):
-        # linear warm-up, then cosine decay to 10% over the fixed number of steps (deterministic schedule)
-        frac = step / steps
-        cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        for grp in opt.param_groups:
-            grp["lr"] = cur_lr
-        router = _RecordingRouter()
-        logits = model(x, pos, moe=MoEControl(router=router, impl="loop"))[0]
-        loss = F.cross_entropy(logits.reshape(-1, args.vocab_size).float(), y.reshape(-1))
-        ce = loss.item()
-        if router.logits:
-            loss = loss + 0.01 * balance_loss(router.logits, args.n_experts, args.top_k)
-        if teacher is not None:
-            with torch.no_grad():
-                t_logp = teacher(x, pos).float().log_softmax(-1)
-            s_logp = logits.float().log_softmax(-1)
-            kl = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1).mean()
-            loss = 0.5 * loss + 0.5 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        ema = ce if ema is None else 0.98 * ema + 0.02 * ce
-        step += 1
-        if step % 25 == 0:
-            print(f"[{name}] step {step:5d}  ce {ema:.3f}  lr {cur_lr:.2e}  {time.time() - t0:6.0f}s", flush=True)
-        if step >= steps:
-            break
-    model.eval()
-    return {"steps": step, "train_ce_ema": round(ema, 4), "seconds": round(time.time() - t0, 1),
-            "batch": B, "seq": T, "lr": lr}
-
-
-@torch.no_grad()
-def eval_ce(model: Transformer, data: torch.Tensor, T: int = 256, n: int = 16) -> float:
-    g = torch.Generator().manual_seed(1234)
-    x, y = next(batches(data, n, T, g))
-    logits = model(x, torch.arange(T).expand(n, T), moe=MoEControl(impl="loop"))[0]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).item()
 
 
 def main() -> None:

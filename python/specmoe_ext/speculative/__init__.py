@@ -20,6 +20,7 @@ from .drafters import (DRAFT_FORMS, Drafter, DraftVocabError, Eagle3Drafter, Mod
                        SelfDrafter, check_same_vocab, expert_affinity, make_drafter)
 from .eagle import Eagle3Head, load_eagle3, save_random_eagle3
 from .engine import SpecEngine, SpecResult, StepStats, generate, speculative_generate
+from .mtp import MTPDrafter, NoMTPLayerError
 from .runner import StepRunner
 from .step import speculative_step
 from .tree import DraftTree, TreeSpec, TreeSpecError, ancestor_bitmask, build_tree
@@ -28,7 +29,7 @@ from .verifier import RULES, Verdict, accept, accept_q_aware, resolve_rule, targ
 __all__ = [
     "Record", "SpecBatch", "BudgetConfig", "StepPlan", "DRAFT_FORMS", "Drafter", "DraftVocabError",
     "Eagle3Drafter", "ModelDrafter", "NGramDrafter", "SelfDrafter", "check_same_vocab", "expert_affinity",
-    "make_drafter", "Eagle3Head", "load_eagle3", "save_random_eagle3", "SpecEngine", "SpecResult", "StepStats",
+    "make_drafter", "MTPDrafter", "NoMTPLayerError", "Eagle3Head", "load_eagle3", "save_random_eagle3", "SpecEngine", "SpecResult", "StepStats",
     "generate", "speculative_generate", "StepRunner", "speculative_step", "DraftTree", "TreeSpec",
     "TreeSpecError", "ancestor_bitmask", "build_tree", "RULES", "Verdict", "accept", "accept_q_aware",
     "resolve_rule", "target_probs", "verify",
