@@ -585,10 +585,14 @@ def main(argv=None) -> int:
                     draft_ms_per_step=s["draft_ms_per_step"], verify_ms_per_step=vms,
                     accept_ms_per_step=s["accept_ms_per_step"],
                     step_ms=round(1e3 * res.decode_s / max(1, res.decode_steps), 4),
+                    device_step_ms=s["step_ms_device"],
                     ar_step_ms=ar_step, verify_over_ar=round(vms / ar_step, 4) if vms and ar_step else None,
                     target_efficiency=round(ar_step / vms, 4) if vms and ar_step else None,
                     decode_ms_runs=[round(1e3 * x, 3) for x in times],
                     matches_autoregressive=same, fraction_before_divergence=frac)
+                if row["device_step_ms"]:     # wall time the host adds per step (0 when the GPU is the bottleneck)
+                    row["host_overhead_ms_per_step"] = round(row["step_ms"] - row["device_step_ms"], 4)
+                    row["draft_share"] = round((s["draft_ms_per_step"] or 0) / row["device_step_ms"], 4)
                 if c.auto is not None:
                     row["controller"] = res.config.get("controller")
                 if c.lossless and not same:

@@ -3,7 +3,10 @@ record), for every drafter x tree kind x greedy / sampled, for plain decoding an
 
 Counted on the CPU, where the step is the same code as on the GPU: every tensor -> host conversion
 (`item`, `tolist`, `__bool__`, `__int__`, `__float__`, `__index__`, `numpy`) and every tensor built from
-Python data (`torch.tensor`, `torch.as_tensor`) while the loop runs (the prefill before it is excluded).
+Python data (`torch.tensor`, `torch.as_tensor`) while the loop runs (the prefill before it is excluded), and,
+one level down, every aten op that reads device data on the host inside C++ (`_local_scalar_dense`, which
+`x[t]` with a 0-d index tensor calls; `nonzero`, `masked_select`, `unique`, boolean-mask indexing): those
+never reach the Python-level counters but synchronize on the GPU all the same.
 The GPU side of the same claim (no synchronizing CUDA call at all) is test_spec_engine.py's
 test_gpu_loop_never_synchronizes.
 
@@ -16,6 +19,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from specmoe_ext.models import SamplingParams
 from specmoe_ext.speculative import (Eagle3Drafter, ModelDrafter, NGramDrafter, SelfDrafter, SpecEngine, generate,
@@ -28,6 +32,24 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONVERSIONS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
 BUILDERS = ("tensor", "as_tensor")
 PROMPTS = [[5, 6, 7, 8, 5, 6, 7, 8, 5], [100, 200, 300], [17, 900, 17, 900]]
+
+
+SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique")
+
+
+class _SyncingOps(TorchDispatchMode):
+    """Counts the aten ops that read device data on the host (key "aten:<op>")."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(SYNCING_OPS) or (name.startswith("aten.index.Tensor") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)):
+            self.counts["aten:" + name] += 1
+        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager
@@ -56,7 +78,8 @@ def counting_loop_reads():
     def counted(self):
         active[0] = True
         try:
-            return run(self)
+            with _SyncingOps(counts):
+                return run(self)
         finally:
             active[0] = False
     engine_mod._Loop.run = counted
@@ -149,3 +172,14 @@ def test_one_host_read_per_step_with_the_mtp_drafter(tree, temperature):
     if temperature == 0:
         assert res.finish_reasons[0] == "stop" and min(s.batch for s in res.steps) < 3
     assert counts == collections.Counter(tolist=steps), (dict(counts), steps)
+
+
+def test_the_counter_sees_host_reads_inside_aten():
+    """`x[i]` with a 0-d index tensor and boolean-mask indexing read the device inside C++: counted."""
+    counts: collections.Counter = collections.Counter()
+    x = torch.randn(6)
+    with _SyncingOps(counts):
+        x[x.argmax()]
+        x[x > 0]
+        x.gather(0, x.argmax().reshape(1))          # the host-free spelling: not counted
+    assert counts["aten:aten._local_scalar_dense.default"] == 1 and counts["aten:aten.index.Tensor"] == 1, counts

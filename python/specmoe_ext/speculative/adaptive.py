@@ -132,7 +132,7 @@ class AdaptiveVerifier:
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=g.device))
         keep = (rank < best).view(bs, T - 1) & (g.view(bs, T - 1) > 0)
         tree.valid[:, 1:] &= keep
-        return time[best].reshape(1)
+        return time.gather(0, best.reshape(1))      # not time[best]: a 0-d index tensor is read on the host
 
     def observe(self, tree: DraftTree, verdict, plan) -> None:
         """Update the calibration from this step's accepted paths (every valid node whose parent was
