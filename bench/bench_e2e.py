@@ -331,8 +331,8 @@ def plot(rows: list[dict], stem: str, title: str, n_experts: int) -> list[str]:
         for j, a in enumerate(alphas):
             for bi, base in enumerate(bases):
                 for ci, bs in enumerate(bss):
-                    sel = sorted(((r["budget"] or n_experts), r) for r in bud
-                                 if r["alpha"] == a and r["base"] == base and r["bs"] == bs)
+                    sel = sorted((((r["budget"] or n_experts), r) for r in bud
+                                  if r["alpha"] == a and r["base"] == base and r["bs"] == bs), key=lambda x: x[0])
                     if not sel:
                         continue
                     xs = [x for x, _ in sel]

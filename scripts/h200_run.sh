@@ -10,6 +10,7 @@
 #   attention  bench_tree_attention alone (ATTN_ARGS)
 #   e2e        bench/bench_e2e.py on qwen3-30b-a3b (E2E_ARGS), then the tiny pair when E2E_TINY is set
 #   decode     bench/bench_decode.py (DECODE_ARGS)          plan  specmoe plan on qwen3-30b-a3b
+#   offload    bench/bench_offload.py (OFFLOAD_ARGS, OFFLOAD_S)
 #   accept     bench/bench_accept.py (ACCEPT_ARGS)
 #   realpair   issue 21: realpair-train (scripts/train_pair.py: the MoE target + distilled draft on the carried
 #              corpus RP_CORPUS, default corpus/realpair = scripts/make_corpus.py's output made on the CPU side, into
@@ -71,6 +72,10 @@ for stage in "$@"; do
         timeout "$(left 120)" python3 bench/bench_e2e.py --preset tiny --out-dir "$W" --no-progress --batch-sizes 1,4,16 > "$W/e2e_tiny.log" 2>&1
         tail -20 "$W/e2e_tiny.log"
       fi ;;
+    offload)
+      timeout "$(left ${OFFLOAD_S:-200})" python3 bench/bench_offload.py --out-dir "$W" --time-limit $(( $(left ${OFFLOAD_S:-200}) - 30 )) \
+        ${OFFLOAD_ARGS:-} > "$W/offload.log" 2>&1
+      log "bench_offload exit $?"; tail -30 "$W/offload.log" ;;
     decode)
       timeout "$(left ${DECODE_S:-200})" python3 bench/bench_decode.py --out "$W/decode_h200_$DAY.json" ${DECODE_ARGS:-} > "$W/decode.log" 2>&1
       tail -20 "$W/decode.log" ;;

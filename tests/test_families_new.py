@@ -156,6 +156,7 @@ def _batched_logits(model, plist, capacity=64):
     toks = torch.zeros(len(plist), P, dtype=torch.long)
     for b, p in enumerate(plist):
         toks[b, :len(p)] = torch.tensor(p)
+    toks = toks.to(model.tok_embeddings.weight.device)
     with torch.no_grad():
         out, _ = model(toks, cache.append(P), cache)
     return [out[b, :len(p)].float() for b, p in enumerate(plist)]

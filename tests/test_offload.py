@@ -364,11 +364,25 @@ def test_self_drafter_uses_the_cache_residency_and_never_fetches(prompts):
 
 @pytest.mark.parametrize("kind", [None, "self"])
 def test_one_host_read_per_step_with_offload(tiny, prompts, kind):
-    from test_host_reads import counting_loop_reads
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    from test_host_reads import _SyncingOps, counting_loop_reads
     target = offloaded(resident_experts=3)
     eng = SpecEngine(target, None if kind is None else SelfDrafter(target), "chain:3")
-    with counting_loop_reads() as counts:
-        res = eng.generate(prompts, 12)
+    off = expert_offload(target)
+    copies, copy = [0], off._copy
+
+    def counted_copy(*a, **k):          # copies made inside the loop (not the prefill's)
+        copies[0] += any(isinstance(m, _SyncingOps) for m in _get_current_dispatch_mode_stack())
+        return copy(*a, **k)
+    off._copy = counted_copy
+    try:
+        with counting_loop_reads() as counts:
+            res = eng.generate(prompts, 12)
+    finally:
+        del off._copy
+    # the CPU copy backend ("index") selects its rows with one nonzero per copy: CPU-only code (CUDA copies
+    # run the Triton kernel over fixed lanes; test_gpu_offloaded_loop_never_synchronizes checks them)
+    assert off.backend == "index" and copies[0] > 0 and counts.pop("aten:aten.nonzero.default", 0) == copies[0]
     assert counts == collections.Counter(tolist=len(res.steps)), dict(counts)
 
 
@@ -533,7 +547,14 @@ def test_gpu_offloaded_loop_never_synchronizes(prompts, kind):
     """Fetching steps replayed from graphs: the whole loop runs under set_sync_debug_mode("error")."""
     target = offloaded("cuda", resident_experts=3)
     eng = SpecEngine(target, None if kind is None else SelfDrafter(target), "chain:3")
+    off = expert_offload(target)
+
+    def empty_cache():      # both runs start from the same (empty) residency: the self drafter drafts from
+        for le in off.layers:   # it, so a warm cache would change acceptance and with it the steps' keys
+            le.reset()
+    empty_cache()
     first = eng.generate(prompts, 24)
+    empty_cache()
     from specmoe_ext.speculative import engine as E
     run = E._Loop.run
 

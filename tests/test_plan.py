@@ -84,7 +84,7 @@ def test_spread_leaves_out_one_stray_run():
 def _runs_noisy_at(points):
     """A stand-in for plan._time_runs: the runs of the points numbered in `points` are 2x apart."""
     count = iter(range(1000))
-    return lambda fn, dev, warmup, repeats: [1e-3] * (repeats - 1) + [2e-3 if next(count) in points else 1e-3]
+    return lambda fn, dev, warmup, repeats: ([1e-3] * (repeats - 1) + [2e-3 if next(count) in points else 1e-3], False)
 
 
 def test_plan_warns_when_repeated_runs_disagree(capsys, tmp_path, monkeypatch):
@@ -104,7 +104,7 @@ def test_plan_warns_when_repeated_runs_disagree(capsys, tmp_path, monkeypatch):
 
 def test_plan_is_quiet_when_runs_agree(capsys, tmp_path, monkeypatch):
     from specmoe_ext.speculative import plan as planlib
-    monkeypatch.setattr(planlib, "_time_runs", lambda fn, dev, warmup, repeats: [1e-3] * repeats)
+    monkeypatch.setattr(planlib, "_time_runs", lambda fn, dev, warmup, repeats: ([1e-3] * repeats, False))
     assert main([*SMALL, "--repeats", "3", "--out", str(tmp_path / "p.json")]) == 0
     cap = capsys.readouterr()
     assert "warning" not in cap.err and "1 thread(s)" in cap.out

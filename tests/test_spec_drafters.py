@@ -153,8 +153,20 @@ def test_token_mask_and_expert_stats(tiny):
     # first masked one in each row (row 0: < 3; row 1: < 3 as 12 = 9 + 3)
     torch.testing.assert_close(masked[:, :3], plain[:, :3], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(masked[0, 3], plain[0, 3], atol=1e-4)
-    for _, r in rec:
-        assert (r.ids[~mask] == -1).all() and int(r.expert_offsets[-1]) == int(mask.sum()) * 2
+    for _, r in rec:        # masked tokens route as their donor (token 0 by default), weight 0: no new expert
+        assert (r.weights[~mask] == 0).all() and (r.ids[~mask] == r.ids[0]).all()
+        assert set(r.ids[mask].flatten().tolist()) == set(r.ids.flatten().tolist())
+    donor = torch.arange(2).repeat_interleave(9) * 9                   # each row's first token
+    ident = [torch.arange(8)] * target.args.n_layers
+    rec_d, rec_map = [], []
+    with torch.no_grad():
+        by_donor = target(toks, pos, moe=MoEControl(token_mask=mask, token_donor=donor, record=rec_d))[0]
+        by_map = target(toks, pos, moe=MoEControl(token_mask=mask, expert_map=ident, record=rec_map))[0]
+    torch.testing.assert_close(by_donor, masked, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_map, masked, atol=1e-5, rtol=1e-5)   # the regrouping path: same outputs
+    for (_, r), (_, q) in zip(rec_d, rec_map):
+        assert (r.ids[12] == r.ids[9]).all() and (r.weights[~mask] == 0).all()
+        assert (q.ids[~mask] == -1).all() and int(q.expert_offsets[-1]) == int(mask.sum()) * 2
     nat = s_all.natural()
     assert nat.shape == (4, 8) and int(nat.sum()) == 4 * 18 * 2
     assert int(s_masked.natural().sum()) == 4 * 15 * 2

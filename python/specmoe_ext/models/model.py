@@ -142,6 +142,12 @@ class MoEControl:
                    The map must point into the kept experts (always true without a budget).
     token_mask     [N] bool: tokens with False skip the experts (MoE output 0; shared expert still runs).
                    For padding nodes of draft trees, so they neither load experts nor skew statistics.
+                   Without an expert_map, a masked token is routed as its donor token (token_donor[i], a
+                   token that runs anyway; default token 0) with weight 0: it adds no expert to load and
+                   costs 2 element-wise ops per layer, not a regrouping (~20 kernels, a sort among them).
+                   Under a budget, masked tokens must not vote: give them token weight 0 (verify_control
+                   does). With an expert_map the routing is regrouped without the masked tokens' pairs.
+    token_donor    [N] int64 or None: see token_mask (verify_control: each token's tree root).
     stats          an `ExpertStats` to fill (natural vs routed expert counts per layer).
     resident_only  offloaded experts (models/offload.py): run only the experts in the device cache, fetch
                    nothing (the self drafter, whose expert_map points into the cache's resident set).
@@ -158,6 +164,7 @@ class MoEControl:
     router: Callable[..., Routing] | None = None
     expert_map: Sequence[Tensor | None] | None = None
     token_mask: Tensor | None = None
+    token_donor: Tensor | None = None
     stats: ExpertStats | None = None
     resident_only: bool = False
 
@@ -316,6 +323,11 @@ class MoEFeedForward(nn.Module):
             logits = F.linear(xf.float(), self.gate.weight.float())
         else:
             logits = self.gate(xf)                                     # [N, E] in the activation dtype, as HF
+        emap = moe.expert_map_for(layer)
+        donor = moe.token_mask is not None and emap is None
+        if donor:                      # masked tokens route as their donor (loaded anyway); weight 0 below
+            src = moe.token_donor if moe.token_donor is not None else torch.zeros_like(moe.token_mask, dtype=torch.long)
+            logits = torch.where(moe.token_mask[:, None], logits, logits.index_select(0, src))
         rkw = dict(ra.op_kwargs(), bias=None if self.correction is None else self.correction.weight)
         budget = moe.budget_for(layer)
         if budget is not None and budget < self.top_k:
@@ -329,8 +341,9 @@ class MoEFeedForward(nn.Module):
         if moe.stats is not None:  # what the tokens wanted, before budget / expert map / token mask
             natural_ids = (routing.ids if budget is None else
                            _route_topk()(logits, self.top_k, renormalize=self.renormalize, **rkw)[1])
-        emap = moe.expert_map_for(layer)
-        if emap is not None or moe.token_mask is not None:
+        if donor:
+            routing = routing._replace(weights=routing.weights * moe.token_mask[:, None])
+        elif emap is not None or moe.token_mask is not None:
             routing = remap_routing(routing, emap, moe.token_mask, self.n_experts)
         if moe.record is not None:
             moe.record.append((layer, routing))

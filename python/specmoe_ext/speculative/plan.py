@@ -20,6 +20,7 @@ the decode loop. Needs scipy (fit).
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -46,10 +47,32 @@ NOISY_SPREAD = 0.3
 NOISY_SHARE = 0.25
 
 
-def _time_runs(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` timed runs of fn (after `warmup` untimed ones), sorted."""
-    for _ in range(warmup):
+def _time_runs(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: int,
+               graphs: bool = True) -> tuple[list[float], bool]:
+    """Seconds of each of `repeats` timed runs of fn (after `warmup` untimed ones), sorted, and whether they
+    were CUDA-graph replays. On CUDA (graphs=True) fn is captured once and its replays are timed with CUDA
+    events: the engine replays its steps from graphs, so eager timings (host-bound: every kernel launched
+    from Python) would overstate them several-fold. A fn that cannot be captured is timed eagerly."""
+    for _ in range(max(1, warmup)):
         fn()
+    if graphs and dev.type == "cuda":
+        try:
+            _sync(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                fn()
+            graph.replay()
+            ts = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b) / 1e3)
+            return sorted(ts), True
+        except Exception:            # not capturable: eager timings below
+            _sync(dev)
     ts = []
     for _ in range(repeats):
         _sync(dev)
@@ -57,7 +80,7 @@ def _time_runs(fn: Callable[[], None], dev: torch.device, warmup: int, repeats: 
         fn()
         _sync(dev)
         ts.append(time.perf_counter() - t0)
-    return sorted(ts)
+    return sorted(ts), False
 
 
 def median(ts: Sequence[float]) -> float:
@@ -173,6 +196,7 @@ def measure_points(target: Transformer, draft: Transformer | None, specs: Sequen
     dev = target.tok_embeddings.weight.device
     bench = _Bench(ctx, max(max(n for _, _, n, _ in specs), 5), seed)
     points, skipped, noisy = [], [], []
+    eager: list[str] = []
     for kind, bs, n, budget in specs:
         if kind == "target":
             fn = bench.forward_fn(target, bs, n, budget)
@@ -185,10 +209,15 @@ def measure_points(target: Transformer, draft: Transformer | None, specs: Sequen
             fn = bench.reject_fn(target, bs)
         else:
             raise ValueError(f"plan point kind {kind!r} is not measured here")
-        ts = _time_runs(fn, dev, warmup, repeats)
+        ts, replayed = _time_runs(fn, dev, warmup, repeats)
+        if dev.type == "cuda" and not replayed:
+            eager.append(f"{kind} bs={bs} n={n}")
         points.append(pm.Point(kind, int(bs), median(ts), int(n), budget))
         if spread(ts) > NOISY_SPREAD:
             noisy.append(f"{kind} bs={bs} n={n}{'' if budget is None else f' B={budget}'}: {100 * spread(ts):.0f}%")
+    if eager:
+        warnings.warn(f"specmoe plan: {len(eager)} point(s) could not be captured in a CUDA graph and were timed "
+                      f"eagerly (host-bound): {', '.join(eager[:4])}")
     return points, skipped, noisy
 
 
@@ -208,7 +237,7 @@ def plan(target: Transformer, draft: Transformer | None, max_bs: int, n_toks: Se
         raise ValueError(f"`specmoe plan` models an MoE target ({target.args.architecture} has no experts)")
     ft = pm.fit(train, E, K, RP)
     mt = pm.mape(ft.profile.predict_points(test), [p.time_s for p in test]) if test else None
-    meta = dict(meta or {}, held_out_mape_pct=mt, train_mape_pct=ft.mape_pct, ctx=ctx, repeats=repeats,
+    meta = dict(meta or {}, timing="cuda_graph" if target.tok_embeddings.weight.is_cuda else "wall", held_out_mape_pct=mt, train_mape_pct=ft.mape_pct, ctx=ctx, repeats=repeats,
                 rho_eff=round(rho, 6), rho_uniform=K / E, rho_tokens=n_rho,
                 points=[{"kind": p.kind, "bs": p.bs, "n_tok": p.n_tok, "budget": p.budget, "time_s": p.time_s}
                         for p in points])

@@ -69,13 +69,15 @@ class Verdict:
 
 def verify_control(tree: DraftTree, budget, mask_padding: bool, stats: bool) -> MoEControl:
     """MoEControl of a verify forward over tree nodes. mask_padding: invalid nodes skip the experts
-    (regrouping the routing costs ~15 small kernels per MoE layer, so only drafters that pad ask for it).
+    (a padding node is routed as its tree's root with weight 0: 2 element-wise ops per MoE layer).
     budget: a BudgetConfig or None; its token weights are 1 ("uniform") or the draft probability of
     reaching the node ("path"; root logp 0 -> 1), 0 on padding; the root is protected when asked.
     stats: count the valid nodes' experts (natural and routed)."""
     bs, T = tree.tokens.shape
     flat = tree.valid.reshape(-1)
     kw: dict = dict(stats=ExpertStats(mask=flat) if stats else None, token_mask=flat if mask_padding else None)
+    if mask_padding:                  # a padding node routes as its tree's root (loaded anyway), weight 0
+        kw["token_donor"] = torch.arange(bs, device=flat.device).repeat_interleave(T) * T
     if budget is not None:
         w = flat.float() if budget.weights == "uniform" else torch.exp(tree.logp.float()).reshape(-1) * flat
         protect = (torch.arange(T, device=flat.device) == 0).repeat(bs) if budget.protect_root else None
