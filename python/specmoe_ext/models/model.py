@@ -248,8 +248,8 @@ class Attention(nn.Module):
             keys, values = cache.k[self.layer], cache.v[self.layer]        # [bs, Hk, S, d]
             if isinstance(mask, PrefixTreeMask):   # Transformer.forward left it compact: the kernel runs
                 from ..ops import tree_attention
-                out = tree_attention(q, keys, values, mask.prefix_lens, mask.bits, self.head_dim ** -0.5,
-                                     mask.kv_len_hint)                      # [bs, T, Hq, d]
+                out = tree_attention(q, keys, values, mask.prefix_lens.contiguous(), mask.bits.contiguous(),
+                                     self.head_dim ** -0.5, mask.kv_len_hint)   # [bs, T, Hq, d] (bits may be expanded)
                 return self.wo(out.reshape(bs, T, self.q_size))
             S = mask.shape[-1]                     # a dense mask may cover only the first S' slots
             keys, values = keys[:, :, :S], values[:, :, :S]
