@@ -351,6 +351,10 @@ def main(argv=None) -> int:
             if fi > 0:
                 off.resize(replace(cfg, resident_experts=N))
             for bs in bss:
+                if time.time() - t_start > a.time_limit:
+                    rows.append({"preset": preset, "fraction": frac, "resident": N, "bs": bs, "setting": "AR",
+                                 "skipped": "time limit"})
+                    continue
                 prompts = make_prompts(preset, bs, a.prompt_len, args.vocab_size, a.seed)
                 base = {"preset": preset, "fraction": frac, "resident": N, "experts": E, "bs": bs, "tree": a.tree,
                         "dtype": str(dtype).replace("torch.", ""), "layers": args.n_layers if a.layers is None else a.layers}
@@ -361,6 +365,7 @@ def main(argv=None) -> int:
                 ar_res, rep = run_cell(ar_eng, off, prompts, a.max_new_tokens, dev)
                 ar_row = {**base, "setting": "AR", "drafter": None, "budget": None, **row_of(ar_res, rep, bs, bw)}
                 rows.append(ar_row)
+                write_results("offload", rows, extra)
                 log(f"  R={N}/{E} bs={bs} AR: {ar_row['decode_tokens_per_s']} tok/s, hit {ar_row['hit_rate']}, "
                     f"{(ar_row['bytes_per_token'] or 0) / 2**20:.1f} MiB/token, x floor {ar_row['x_floor']}")
                 controlled = preset != "tiny"
@@ -388,6 +393,7 @@ def main(argv=None) -> int:
                                           if r["decode_tokens_per_s"] and ar_row["decode_tokens_per_s"] else None)
                     r["matches_ar"] = res.tokens == ar_tokens
                     rows.append(r)
+                    write_results("offload", rows, extra)        # after every cell: a cut-short run keeps its rows
                     log(f"  R={N}/{E} bs={bs} {label}: {r['decode_tokens_per_s']} tok/s ({r['speedup_vs_ar']}x AR), "
                         f"{r['tokens_per_step']} tok/step, hit {r['hit_rate']}, "
                         f"{(r['bytes_per_token'] or 0) / 2**20:.1f} MiB/token, same as AR {r['matches_ar']}")

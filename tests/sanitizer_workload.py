@@ -57,6 +57,21 @@ def routing_value_rules():
             ops.route_budget(logits, 4, 12, bias=bias, token_weights=tw, protect=protect, policy=policy)
 
 
+def grouped_routing():
+    """Grouped top-K (DeepSeek-V2/V3, GLM-4.5: n_group, topk_group, top-2 / max group scores, sigmoid + bias,
+    routed scaling), with and without a budget, on the fused (T <= 128) and multi-block paths."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for T in (1, 7, 130):
+        logits = torch.randn(T, 64, device="cuda", generator=g)
+        bias = torch.randn(64, device="cuda", generator=g) * 0.1
+        for gs in ("top2", "max"):
+            ops.route_topk(logits, 6, scoring="sigmoid", bias=bias, n_group=8, topk_group=3, group_scoring=gs,
+                           scale=2.5)
+            for B, policy in ((None, "substitute"), (12, "substitute"), (12, "truncate")):
+                ops.route_budget(logits, 6, B, scoring="sigmoid", bias=bias, n_group=8, topk_group=3,
+                                 group_scoring=gs, policy=policy, scale=2.5)
+
+
 def tree_attention():
     for T, prefix, d, rep in [(1, 1000, 128, 4), (7, [0, 127], 64, 8), (37, 300, 128, 1), (100, 1, 128, 16)]:
         q, k, v, pre, mask = make_case(2, T, 2 * rep, 2, d, prefix, torch.bfloat16, "cuda")
@@ -107,6 +122,7 @@ def speculative_steps():
 if __name__ == "__main__":
     routing_and_moe()
     routing_value_rules()
+    grouped_routing()
     tree_attention()
     accept_and_compact()
     philox_uniform()
