@@ -54,7 +54,7 @@ for stage in "$@"; do
       timeout "$(left ${TESTS_REST_S:-300})" python3 -m pytest -q -m gpu -p no:cacheprovider $rest > "$W/tests_rest.log" 2>&1
       tail -25 "$W/tests_rest.log" ;;
     sanitize)
-      for tool in memcheck racecheck; do
+      for tool in ${SAN_TOOLS:-memcheck racecheck}; do
         PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(left ${SAN_S:-200})" compute-sanitizer --tool $tool --error-exitcode 9 --kernel-name kns=specmoe \
           python3 tests/sanitizer_workload.py > "$W/sanitizer_$tool.log" 2>&1
         log "$tool exit $?"; tail -4 "$W/sanitizer_$tool.log"
