@@ -14,7 +14,9 @@ Per batch size (default 1, 2, 4, 8, 16, 32, 64), greedy, no stop tokens (every r
                 the cost-effective prefix of each tree; cost profile from --profile or measured first by
                 `specmoe plan`'s routine), alone and with each budget (truncation + MoE-Spec budget)
   auto[...]     SpecEngine + CascadeController (`--spec auto`), one cell per '|'-separated --auto-candidates set
-                (default: chain lengths k=0,1,2,4 without budget (lossless), and k=0,2,4 x budget none,B (lossy))
+                (default: chain lengths k=0,1,2,4 without budget (lossless), and k=0,2,4 x budget none,B (lossy));
+                a fresh controller per run (one request: it pays its own test phases); --auto-long-lived adds
+                'auto[...] long-lived' cells whose one controller serves all of the cell's runs
 Drafters:
   controlled    (random-weight presets, e.g. qwen3-30b-a3b) CONTROLLED ACCEPTANCE: bench/controlled.py ControlledDrafter
                 proposes the target's own greedy continuation (recorded from the AR run over the same prompts,
@@ -155,8 +157,9 @@ class Cell:
     adaptive (verify the tree's cost-effective prefix: speculative/adaptive.py)."""
 
     def __init__(self, label: str, tree: str, budget: int | None = None, auto: str | None = None,
-                 adaptive: bool = False):
+                 adaptive: bool = False, long_lived: bool = False):
         self.label, self.tree, self.budget, self.auto, self.adaptive = label, tree, budget, auto, adaptive
+        self.long_lived = long_lived         # auto: one controller for every run of the cell
 
     @property
     def lossless(self) -> bool:
@@ -169,7 +172,7 @@ class Cell:
 
 
 def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: list[str],
-               adaptive: bool = False) -> list[Cell]:
+               adaptive: bool = False, long_lived: bool = False) -> list[Cell]:
     """chains, the tree, each budget on the longest chain and the tree (MoE-Spec alone), the tree with
     adaptive verification alone and with each budget (truncation + budget), the controller cells."""
     cells = [Cell(f"chain:{g}", f"chain:{g}") for g in chains]
@@ -184,6 +187,8 @@ def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: l
         cells += [Cell(f"{tree} adaptive B={b}", tree, b, None, True) for b in budgets]
     for auto in autos:
         cells.append(Cell(f"auto[{auto}]", "", None, auto))
+        if long_lived:
+            cells.append(Cell(f"auto[{auto}] long-lived", "", None, auto, long_lived=True))
     return cells
 
 
@@ -198,6 +203,9 @@ def engine_for(cell: Cell, target, drafter, policy: str, test_steps: int, profil
             if c.budget is not None:
                 BudgetConfig(c.budget).validate(target.args)
         eng = SpecEngine(target, drafter, f"chain:{kmax}")
+        if cell.long_lived:        # the cell's earlier runs are the earlier requests this controller served
+            ctl = CascadeController(cands, test_steps=test_steps)
+            return eng, (lambda: ctl)
         return eng, (lambda: CascadeController(cands, test_steps=test_steps))
     budget = BudgetConfig(cell.budget, policy) if cell.budget is not None else None
     if cell.adaptive:
@@ -398,6 +406,10 @@ def parse_args(argv=None):
                          "run ('all' = every alpha). Their step cost hardly depends on alpha, and their acceptance "
                          "is not controlled (see the module docstring)")
     ap.add_argument("--auto-test-steps", type=int, default=2, help="controller test steps per candidate")
+    ap.add_argument("--auto-long-lived", action="store_true",
+                    help="also an 'auto[...] long-lived' cell per candidate set: one controller serves every run "
+                         "of the cell, as consecutive requests of a server, so its test phases are charged "
+                         "across requests (the timed run follows the warm-up / reference-following runs)")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per cell (median decode time)")
     ap.add_argument("--warmup-tokens", type=int, default=8, help="short untimed run per (bs, setting); 0 = none "
                     "(controlled drafter: the reference-following runs are the warm-up)")
@@ -465,7 +477,7 @@ def main(argv=None) -> int:
     autos = [] if auto.lower() == "none" else [x.strip() for x in auto.split("|") if x.strip()]
     if a.quick:
         chains, tree, budgets, autos = [max(chains)], None, budgets[:1], autos[:1]
-    cells = make_cells(chains, tree, budgets, autos, adaptive=not a.no_adaptive)
+    cells = make_cells(chains, tree, budgets, autos, adaptive=not a.no_adaptive, long_lived=a.auto_long_lived)
     profile = None
     if any(c.adaptive for c in cells):
         profile = cost_profile(a, target, draft, bss, budgets, dev)
@@ -590,6 +602,10 @@ def main(argv=None) -> int:
                     target_efficiency=round(ar_step / vms, 4) if vms and ar_step else None,
                     decode_ms_runs=[round(1e3 * x, 3) for x in times],
                     matches_autoregressive=same, fraction_before_divergence=frac)
+                if c.adaptive and row["alpha_hat"] is not None:
+                    # a path that ends at a leaf the truncation kept counts as a rejection in alpha_hat's
+                    # trials, so for truncated trees it is only a lower bound of the per-token acceptance
+                    row["alpha_hat_lower_bound"], row["alpha_hat"] = row["alpha_hat"], None
                 if row["device_step_ms"]:     # wall time the host adds per step (0 when the GPU is the bottleneck)
                     row["host_overhead_ms_per_step"] = round(row["step_ms"] - row["device_step_ms"], 4)
                     row["draft_share"] = round((s["draft_ms_per_step"] or 0) / row["device_step_ms"], 4)

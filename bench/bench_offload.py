@@ -93,29 +93,16 @@ class ControlledSelfDrafter(SelfDrafter):
         self.set_references(references)
         self._ref_full = None
 
+    _load_references = ControlledDrafter._load_references
+    _keep_references = ControlledDrafter._keep_references
+
     def prefill(self, batch, spec, hidden, stats) -> None:
         super().prefill(batch, spec, hidden, stats)
-        S, dev = batch.history.shape[1], batch.device
-        ref = torch.full((batch.bs, S), -1, dtype=torch.long)
-        for b, r in enumerate(self.refs):
-            ref[b, :min(len(r), S)] = torch.tensor(r[:S], dtype=torch.long)
-        if self._ref_full is None or self._ref_full.shape != ref.shape:
-            self._ref_full = torch.empty_like(ref, device=dev)
-            self._seed_full = torch.zeros(batch.bs, dtype=torch.long, device=dev)
-            self._off_full = torch.zeros(batch.bs, dtype=torch.long, device=dev)
-            self.buffers += 1
-        self._ref_full.copy_(ref)
-        self._seed_full.copy_(torch.arange(batch.bs) * 7919 + self.seed)
-        self._off_full.zero_()
-        self.ref, self.seeds, self.offsets = self._ref_full, self._seed_full, self._off_full
-        self.depth_window = spec.max_depth
+        self._load_references(batch, spec)
 
     def keep(self, rows) -> None:
-        from specmoe_ext.speculative.batch import keep_rows_
         super().keep(rows)
-        self.ref = keep_rows_(self._ref_full, rows)
-        self.seeds = keep_rows_(self._seed_full, rows)
-        self.offsets = keep_rows_(self._off_full, rows)
+        self._keep_references(rows)
 
     def propose(self, batch, plan):
         self._level, self._spec = 0, plan.tree

@@ -160,6 +160,9 @@ def main(argv=None) -> int:
                                    ("all_gather_us", "AG us", ".1f"), ("tp_decode_comm_ms", "TP comm ms", ".3f"),
                                    ("ep_decode_comm_ms", "EP comm ms", ".3f")])
         print(f"wrote {path}")
+    from specmoe_ext.models.parallel import stop_watchdog
+    stop_watchdog()
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

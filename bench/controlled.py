@@ -59,6 +59,11 @@ class ControlledDrafter(ModelDrafter):
         if batch.bs != len(self.refs):
             raise ValueError(f"controlled drafter: {len(self.refs)} reference sequences for a batch of {batch.bs}")
         super().prefill(batch, spec, hidden, stats)
+        self._load_references(batch, spec)
+
+    def _load_references(self, batch, spec: TreeSpec) -> None:
+        """The references on the device ([bs, S], -1 past their end), the per-request Philox seeds and offsets
+        (shared with bench_offload's controlled self drafter)."""
         S, dev = batch.history.shape[1], batch.device
         ref = torch.full((batch.bs, S), -1, dtype=torch.long)
         for b, r in enumerate(self.refs):
@@ -75,8 +80,11 @@ class ControlledDrafter(ModelDrafter):
         self.depth_window = spec.max_depth
 
     def keep(self, rows: Sequence[int]) -> None:
-        from specmoe_ext.speculative.batch import keep_rows_
         super().keep(rows)
+        self._keep_references(rows)
+
+    def _keep_references(self, rows: Sequence[int]) -> None:
+        from specmoe_ext.speculative.batch import keep_rows_
         self.ref = keep_rows_(self._ref_full, rows)
         self.seeds = keep_rows_(self._seed_full, rows)
         self.offsets = keep_rows_(self._off_full, rows)

@@ -1,4 +1,6 @@
 """Suite-wide fixtures: GPU tests (marked `gpu`) run only with a CUDA device and the CUDA build."""
+import contextlib
+
 import pytest
 import torch
 
@@ -58,3 +60,23 @@ def tiny():
     """The embedded `tiny` target and its dense draft (CPU, float32), built once per session."""
     from specmoe_ext.models import build_draft, build_preset
     return build_preset("tiny"), build_draft("tiny")
+
+
+@contextlib.contextmanager
+def loop_without_syncs():
+    """While the engine's step loop runs (`_Loop.run`), any synchronizing CUDA call raises
+    (torch.cuda.set_sync_debug_mode("error")); the prefill before it may synchronize."""
+    from specmoe_ext.speculative import engine as E
+    run = E._Loop.run
+
+    def strict(self):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run(self)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    E._Loop.run = strict
+    try:
+        yield
+    finally:
+        E._Loop.run = run

@@ -187,25 +187,14 @@ def test_gpu_adaptive_loop_never_synchronizes(graphs):
     """The truncation runs inside the step on the device: a second generate() (everything warmed, or
     captured) runs its loop under torch.cuda.set_sync_debug_mode("error"), and with graphs every step
     is a replay (an op that synchronizes or cannot be captured would fail here with its traceback)."""
+    from conftest import loop_without_syncs
     from specmoe_ext.models import build_draft, build_preset
-    from specmoe_ext.speculative import engine as E
     t, d = build_preset("tiny", "cuda", "float32"), build_draft("tiny", "cuda", "float32")
     prompts = [[380, 259, 656], [451, 12]]
     eng = SpecEngine(t, ModelDrafter(d, t), "dynamic:topk=2,depth=3,tokens=8", verify="adaptive",
                      profile=linear_profile(1e-3, 2e-4), cuda_graph=graphs)
     first = eng.generate(prompts, 24)
-    run = E._Loop.run
-
-    def strict(self):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return run(self)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    E._Loop.run = strict
-    try:
+    with loop_without_syncs():
         second = eng.generate(prompts, 24)
-    finally:
-        E._Loop.run = run
     assert second.tokens == first.tokens == generate(t, prompts, 24, cuda_graph=False).tokens
     assert second.cuda_graph == graphs and all(s.replayed == graphs for s in second.steps)

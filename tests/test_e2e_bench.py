@@ -122,3 +122,22 @@ def test_bench_quick_cpu_writes_json(tmp_path, extra):
             assert r["acceptance"] == "controlled acceptance" and r["alpha"] == 0.8
     assert any(r["budget"] is not None for r in spec) and any(r["setting"].startswith("auto") for r in spec)
     assert "End to end" in p.stdout
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_controlled_self_drafter_on_an_offloaded_target(alpha):
+    """bench_offload's controlled self drafter (it borrows ControlledDrafter's reference handling): on the
+    offloaded tiny target, alpha 1 accepts every draft inside the reference, alpha 0 none, and the output
+    is the autoregressive one either way (lossless)."""
+    from bench_offload import ControlledSelfDrafter
+    from specmoe_ext.models.loader import load_model
+    from specmoe_ext.models.offload import OffloadConfig
+    target = load_model(TINY_DIR / "target", "cpu", offload=OffloadConfig(resident_experts=4))
+    tok = load_tokenizer(TINY_DIR / "target")
+    prompts = [tok.encode(t) for t in TEXTS[:3]]
+    ar = generate(target, prompts, 16 + EXTRA)
+    refs = [p + o for p, o in zip(prompts, ar.tokens)]
+    res = SpecEngine(target, ControlledSelfDrafter(target, refs, alpha), "chain:3").generate(prompts, 16)
+    assert res.tokens == [o[:16] for o in ar.tokens]
+    accepted = [a for s in res.steps for a in s.accepted]
+    assert (min(accepted) >= 2) if alpha == 1.0 else (max(accepted) == 0), accepted

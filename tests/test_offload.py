@@ -14,6 +14,7 @@ import collections
 
 import pytest
 import torch
+from conftest import loop_without_syncs
 
 from specmoe_ext.models import load_tokenizer
 from specmoe_ext.models.config import ModelArgs
@@ -555,18 +556,6 @@ def test_gpu_offloaded_loop_never_synchronizes(prompts, kind):
     empty_cache()
     first = eng.generate(prompts, 24)
     empty_cache()
-    from specmoe_ext.speculative import engine as E
-    run = E._Loop.run
-
-    def strict(self):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return run(self)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    E._Loop.run = strict
-    try:
+    with loop_without_syncs():
         second = eng.generate(prompts, 24)
-    finally:
-        E._Loop.run = run
     assert second.tokens == first.tokens and all(s.replayed for s in second.steps)

@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import loop_without_syncs
 
 from specmoe_ext.models import (CacheCapacityError, KVCache, SamplingParams, build_draft, build_preset,
                                 load_tokenizer, prefill)
@@ -320,20 +321,8 @@ def test_gpu_loop_never_synchronizes(prompts, tmp_path, kind, tree, temperature)
     sp = SamplingParams(temperature=temperature, seed=4)
     eng = SpecEngine(t, make(kind, t, d, eg), tree)
     first = eng.generate(prompts, 24, sp)
-    from specmoe_ext.speculative import engine as E
-    run = E._Loop.run
-
-    def strict(self):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return run(self)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    E._Loop.run = strict
-    try:
+    with loop_without_syncs():
         second = eng.generate(prompts, 24, sp)
-    finally:
-        E._Loop.run = run
     assert second.tokens == first.tokens and all(s.replayed for s in second.steps)
 
 

@@ -1133,6 +1133,7 @@ def _end_parallel(a: argparse.Namespace) -> None:
     from .models.parallel import stop_watchdog
     stop_watchdog()
     if dist.is_initialized():
+        dist.barrier()            # no rank tears the group (rank 0 hosts its store) down while another still uses it
         dist.destroy_process_group()
 
 

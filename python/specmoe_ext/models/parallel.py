@@ -598,4 +598,9 @@ def start_watchdog(rank: int, interval_s: float = 0.2) -> None:
 
 
 def stop_watchdog() -> None:
+    """Stop the watchdog and wait for it: its store calls must not race the process group's teardown (a
+    thread inside a TCPStore call while the store is destroyed aborts the process)."""
     _WATCH["stop"] = True
+    t = _WATCH.get("thread")
+    if t is not None and t.is_alive():
+        t.join(timeout=5.0)

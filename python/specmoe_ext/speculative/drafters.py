@@ -480,23 +480,35 @@ class Eagle3Drafter(Drafter):
     def extra_capacity(self, spec: TreeSpec) -> int:
         return spec.fed_nodes + spec.max_depth + 2
 
-    def prefill(self, batch, spec: TreeSpec, hidden, stats) -> None:
+    # -- what the MTP drafter (mtp.py) changes: the features it takes, its cache, its state width ----------
+    def _features(self, hidden) -> Tensor:
+        """The engine's captured target features -> the head's input states [bs, P, h]."""
         if hidden is None or len(hidden) != 3:
             raise ValueError("EAGLE-3 drafter: the engine must pass the 3 captured target features")
+        return self.head.fuse(torch.cat(hidden, -1))
+
+    def _new_cache(self, bs: int, capacity: int) -> KVCache:
         a, w = self.head.args, self.head.fc.weight
+        return KVCache(1, bs, a.n_kv_heads, a.head_dim, capacity, w.dtype, w.device)
+
+    def _state_dtype_width(self) -> tuple[torch.dtype, int]:
+        return self.head.fc.weight.dtype, self.head.args.hidden_size
+
+    def prefill(self, batch, spec: TreeSpec, hidden, stats) -> None:
+        feats = self._features(hidden)                                               # [bs, P, h]
+        dev = feats.device
         cap = batch.cache.capacity + self.extra_capacity(spec)
         bs = batch.full_size
         if self.cache is None or self.cache.full_batch_size != bs or self.cache.capacity < cap:
-            self.cache = KVCache(1, bs, a.n_kv_heads, a.head_dim, cap, w.dtype, w.device)
-            self._root_full = torch.zeros(bs, self.target.args.vocab_size, dtype=torch.float32, device=w.device)
-            self._out_full = torch.zeros(bs, a.hidden_size, dtype=w.dtype, device=w.device)
+            self.cache = self._new_cache(bs, cap)
+            dtype, width = self._state_dtype_width()
+            self._root_full = torch.zeros(bs, self.target.args.vocab_size, dtype=torch.float32, device=dev)
+            self._out_full = torch.zeros(bs, width, dtype=dtype, device=dev)
             self.buffers += 1
         self.cache.reset_rows()
         self.root, self.root_out = self._root_full, self._out_full
         # prompt pairs (f_t, x_{t+1}) for t < P, where x_P is the root (the first generated token)
-        dev = w.device
         lens = [len(p) for p in batch.prompts]
-        feats = self.head.fuse(torch.cat(hidden, -1))                                # [bs, P, h]
         toks = torch.zeros(bs, max(lens), dtype=torch.long)
         for b, p in enumerate(batch.prompts):
             toks[b, :len(p) - 1] = torch.tensor(p[1:], dtype=torch.long)

@@ -32,7 +32,6 @@ from ..models.kv_cache import KVCache
 from ..models.model import Transformer
 from ..models.rope import rope_cos_sin
 from .drafters import Eagle3Drafter
-from .tree import TreeSpec
 
 
 class NoMTPLayerError(ValueError):
@@ -104,34 +103,16 @@ class MTPDrafter(Eagle3Drafter):
         self.hidden_layers = (target.args.n_layers,)
         self.cache: KVCache | None = None
 
-    def prefill(self, batch, spec: TreeSpec, hidden, stats) -> None:
+    def _features(self, hidden) -> Tensor:
         if hidden is None or len(hidden) != 1:
             raise ValueError("MTP drafter: the engine must pass the target's last hidden state")
-        w = self.target.tok_embeddings.weight
-        cap = batch.cache.capacity + self.extra_capacity(spec)
-        bs = batch.full_size
-        if self.cache is None or self.cache.full_batch_size != bs or self.cache.capacity < cap:
-            self.cache = mtp_cache(self.target, bs, cap)
-            self._root_full = torch.zeros(bs, self.target.args.vocab_size, dtype=torch.float32, device=w.device)
-            self._out_full = torch.zeros(bs, self.target.args.hidden_size, dtype=w.dtype, device=w.device)
-            self.buffers += 1
-        self.cache.reset_rows()
-        self.root, self.root_out = self._root_full, self._out_full
-        # prompt pairs (state_t, x_{t+1}) for t < P, where x_P is the root (the first generated token)
-        dev = w.device
-        lens = [len(p) for p in batch.prompts]
-        feats = self.head.fuse(hidden[0])                                             # [bs, P, h]
-        toks = torch.zeros(bs, max(lens), dtype=torch.long)
-        for b, p in enumerate(batch.prompts):
-            toks[b, :len(p) - 1] = torch.tensor(p[1:], dtype=torch.long)
-        toks = toks.to(dev)
-        toks.scatter_(1, torch.tensor(lens, device=dev)[:, None] - 1, batch.root[:, None])
-        out, logits = self.head(toks, feats, self.cache.append(max(lens)), self.cache)
-        self.cache.advance(lens)
-        last = torch.tensor(lens, device=dev) - 1
-        rows = torch.arange(bs, device=dev)
-        self.root.copy_(logits[rows, last])
-        self.root_out.copy_(out[rows, last])
+        return self.head.fuse(hidden[0])
+
+    def _new_cache(self, bs: int, capacity: int) -> KVCache:
+        return mtp_cache(self.target, bs, capacity)
+
+    def _state_dtype_width(self) -> tuple[torch.dtype, int]:
+        return self.target.tok_embeddings.weight.dtype, self.target.args.hidden_size
 
     def describe(self) -> dict:
         return {"drafter": "mtp", "mtp_layer": self.head.index, "mtp_layers": len(self.target.mtp),
