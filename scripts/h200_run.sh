@@ -11,6 +11,7 @@
 #   e2e        bench/bench_e2e.py on qwen3-30b-a3b (E2E_ARGS), then the tiny pair when E2E_TINY is set
 #   decode     bench/bench_decode.py (DECODE_ARGS)          plan  specmoe plan on qwen3-30b-a3b
 #   offload    bench/bench_offload.py (OFFLOAD_ARGS, OFFLOAD_S)
+#   invariance bench/bench_invariance.py: verify vs decode, batch vs alone, per component (tiny fp32 / bf16, qwen3 4 layers)
 #   accept     bench/bench_accept.py (ACCEPT_ARGS)
 #   realpair   issue 21: realpair-train (scripts/train_pair.py: the MoE target + distilled draft on the carried
 #              corpus RP_CORPUS, default corpus/realpair = scripts/make_corpus.py's output made on the CPU side, into
@@ -76,6 +77,11 @@ for stage in "$@"; do
       timeout "$(left ${OFFLOAD_S:-200})" python3 bench/bench_offload.py --out-dir "$W" --time-limit $(( $(left ${OFFLOAD_S:-200}) - 30 )) \
         ${OFFLOAD_ARGS:-} > "$W/offload.log" 2>&1
       log "bench_offload exit $?"; tail -30 "$W/offload.log" ;;
+    invariance)
+      for args in "--preset tiny --dtype float32" "--preset tiny --dtype bfloat16" "--preset qwen3-30b-a3b --layers 4 --dtype bfloat16"; do
+        timeout "$(left 90)" python3 bench/bench_invariance.py $args --out-dir "$W/invariance_${args// /_}" >> "$W/invariance.log" 2>&1
+      done
+      tail -30 "$W/invariance.log" ;;
     decode)
       timeout "$(left ${DECODE_S:-200})" python3 bench/bench_decode.py --out "$W/decode_h200_$DAY.json" ${DECODE_ARGS:-} > "$W/decode.log" 2>&1
       tail -20 "$W/decode.log" ;;
