@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--tokens", type=int, default=8, help="T: chain tokens verified in one forward")
+    ap.add_argument("--batch-invariant", type=int, default=None, metavar="CHUNK", nargs="?", const=-1,
+                    help="run the model's projections batch-invariant (models/invariant.py; CHUNK rows per "
+                         "GEMM, default per device)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None)
     a = ap.parse_args(argv)
@@ -140,6 +143,10 @@ def main(argv=None) -> int:
     dtype = a.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     kw = {} if a.layers is None else {"n_layers": a.layers}
     model = build_preset(a.preset, dev, dtype, seed=a.seed, **kw).eval()
+    chunk = 0
+    if a.batch_invariant is not None:
+        from specmoe_ext.models.invariant import set_batch_invariant
+        chunk = set_batch_invariant(model, None if a.batch_invariant < 0 else a.batch_invariant)
     V = model.args.vocab_size
     g = torch.Generator().manual_seed(a.seed)
     prompts = torch.randint(0, V, (a.batch_size, a.prompt_len), generator=g).tolist()
@@ -157,7 +164,8 @@ def main(argv=None) -> int:
                "verify_vs_decode_argmax_agreement": round(argmax, 4)}
     cols = [("component", "component", "s"), ("bitwise_equal", "bitwise", ""), ("tokens_equal", "tokens =", ".3f"),
             ("max_abs_diff", "max |diff|", ".3g"), ("max_abs", "max |x|", ".3g")]
-    title = f"{a.preset} ({dtype}) on {common.device_name()}, bs={a.batch_size}, P={a.prompt_len}, T={a.tokens}"
+    title = (f"{a.preset} ({dtype}) on {common.device_name()}, bs={a.batch_size}, P={a.prompt_len}, T={a.tokens}"
+             + (f", batch-invariant projections (chunk {chunk})" if chunk else ""))
     for label, rows in (("verify (T tokens, one forward) vs decode (one token per forward)", cmp_tokens),
                         ("request 0 decoded in the batch vs alone (bs=1)", cmp_batch)):
         print(f"\n{label}: {title}")
@@ -172,6 +180,7 @@ def main(argv=None) -> int:
                                     + [{"comparison": "batch_vs_alone", **r} for r in cmp_batch],
                                     {"preset": a.preset, "dtype": dtype, "batch_size": a.batch_size,
                                      "prompt_len": a.prompt_len, "tokens": a.tokens, "layers": len(model.layers),
+                                     "batch_invariant_chunk": chunk,
                                      "summary": summary})
     finally:
         common.RESULTS_DIR = saved

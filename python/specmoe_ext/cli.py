@@ -118,6 +118,10 @@ def _add_generate_args(p: argparse.ArgumentParser) -> None:
                                    "same tokens on every run (on the CPU, eagerly on the GPU and in CUDA graphs, in "
                                    "float32); sampled --spec auto runs are not repeatable")
     p.add_argument("--no-cuda-graph", action="store_true", help="run the decode step and the speculative verify step eagerly on CUDA")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a token's projections do not depend on how many tokens share the forward (models/"
+                        "invariant.py): greedy speculation reproduces greedy decoding bit for bit on the CPU, "
+                        "bf16 included; on CUDA the attention and expert kernels are not invariant yet")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     _add_spec_args(p, draft_default=None)
@@ -503,6 +507,9 @@ def _load_target(a: argparse.Namespace, src: _Source, device, dtype, cmd: str):
             model = build_preset(src.name, device, dtype, seed=a.seed)
     except ValueError as e:
         _fail(cmd, e)
+    if getattr(a, "batch_invariant", False):
+        from .models.invariant import set_batch_invariant
+        set_batch_invariant(model)
     off = expert_offload(model)
     if off is not None and device.type == "cuda" and not off.capturable and not getattr(a, "no_cuda_graph", False):
         print(f"specmoe {cmd}: note: expert fetches use the '{off.backend}' copy (Triton missing), which "

@@ -320,7 +320,12 @@ class MoEFeedForward(nn.Module):
         xf = x.reshape(-1, shape[-1])                                  # [N, h]
         ra = self.router_args
         if ra.fp32_logits:                                             # DeepSeek / GLM: float32 router logits
-            logits = F.linear(xf.float(), self.gate.weight.float())
+            chunk = getattr(self.gate, "chunk", 0) if type(self.gate) is not nn.Linear else 0
+            if chunk:                  # batch-invariant mode (invariant.py)
+                from .invariant import invariant_linear
+                logits = invariant_linear(xf.float(), self.gate.weight.float(), None, chunk)
+            else:
+                logits = F.linear(xf.float(), self.gate.weight.float())
         else:
             logits = self.gate(xf)                                     # [N, E] in the activation dtype, as HF
         emap = moe.expert_map_for(layer)
@@ -437,6 +442,10 @@ class Transformer(nn.Module):
 
     def lm_head(self, x: Tensor) -> Tensor:
         """[..., h] final-norm states -> [..., V] logits (models/parallel.py: vocab-parallel + gather)."""
+        chunk = getattr(self, "invariant_chunk", 0)
+        if chunk:                      # batch-invariant mode (invariant.py)
+            from .invariant import invariant_linear
+            return invariant_linear(x, self.output_weight(), None, chunk)
         return F.linear(x, self.output_weight())
 
     # ---- forward ---------------------------------------------------------------------------------

@@ -410,8 +410,9 @@ class _Loop:
     def _bound_attention(self, plan) -> None:
         """Eager steps (CPU, or graphs off): their dense-mask attention covers only the slots this step can
         touch (committed length as last read + what the steps in flight may add + the tree), not the
-        capacity. Graph replays keep the full capacity (fixed shapes)."""
-        if self.runner.use_graphs:
+        capacity. Graph replays keep the full capacity (fixed shapes), and so does a batch-invariant target
+        (models/invariant.py): attention over a step-dependent number of slots rounds differently."""
+        if self.runner.use_graphs or getattr(self.eng.target, "invariant_chunk", 0):
             return
         ahead = sum(p.depth + 1 for _, p, _ in self.inflight)
         limit = max(self.batch.cache.host_lengths()) + ahead + self.eng.slots_per_step() + plan.lag + 2
