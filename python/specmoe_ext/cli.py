@@ -1130,6 +1130,7 @@ def _report_parallel_failure(a: argparse.Namespace, e: BaseException) -> None:
     if getattr(a, "parallel", None) is None or (isinstance(e, SystemExit) and not e.code):
         return
     from .models.parallel import report_failure
+    a.parallel_failed = True
     report_failure(getattr(a, "rank", -1), str(e) or type(e).__name__)
 
 
@@ -1140,7 +1141,11 @@ def _end_parallel(a: argparse.Namespace) -> None:
     from .models.parallel import stop_watchdog
     stop_watchdog()
     if dist.is_initialized():
-        dist.barrier()            # no rank tears the group (rank 0 hosts its store) down while another still uses it
+        if not getattr(a, "parallel_failed", False):   # after a failure the other ranks are ending on their own
+            try:          # no rank tears the group (rank 0 hosts its store) down while another still uses it
+                dist.barrier()
+            except Exception:   # noqa: BLE001 - a peer gone: nothing to wait for, and nothing to mask
+                pass
         dist.destroy_process_group()
 
 
