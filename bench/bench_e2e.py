@@ -10,9 +10,10 @@ Per batch size (default 1, 2, 4, 8, 16, 32, 64), greedy, no stop tokens (every r
   chain:g       SpecEngine, chains of the --chains lengths, no budget
   <tree>        SpecEngine with --tree (default dynamic:topk=4,depth=5,tokens=32), no budget
   ... B=b       the largest chain and the tree with each MoE-Spec budget of --budgets (lossy)
-  <tree> adaptive [B=b]  the tree with adaptive verification (speculative/adaptive.py: each step verifies only
+  <tree> adaptive [B=b | W=w]  the tree with adaptive verification (speculative/adaptive.py: each step verifies only
                 the cost-effective prefix of each tree; cost profile from --profile or measured first by
-                `specmoe plan`'s routine), alone and with each budget (truncation + MoE-Spec budget)
+                `specmoe plan`'s routine), alone, with each budget (truncation + MoE-Spec budget), and compacted
+                to each --adaptive-widths W (at most W nodes per request, verified as a W-node tree)
   auto[...]     SpecEngine + CascadeController (`--spec auto`), one cell per '|'-separated --auto-candidates set
                 (default: chain lengths k=0,1,2,4 without budget (lossless), and k=0,2,4 x budget none,B (lossy));
                 a fresh controller per run (one request: it pays its own test phases); --auto-long-lived adds
@@ -157,8 +158,9 @@ class Cell:
     adaptive (verify the tree's cost-effective prefix: speculative/adaptive.py)."""
 
     def __init__(self, label: str, tree: str, budget: int | None = None, auto: str | None = None,
-                 adaptive: bool = False, long_lived: bool = False):
+                 adaptive: bool = False, long_lived: bool = False, width: int | None = None):
         self.label, self.tree, self.budget, self.auto, self.adaptive = label, tree, budget, auto, adaptive
+        self.width = width                   # adaptive: verify a compacted tree of this many nodes
         self.long_lived = long_lived         # auto: one controller for every run of the cell
 
     @property
@@ -172,7 +174,7 @@ class Cell:
 
 
 def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: list[str],
-               adaptive: bool = False, long_lived: bool = False) -> list[Cell]:
+               adaptive: bool = False, long_lived: bool = False, widths: tuple[int, ...] = ()) -> list[Cell]:
     """chains, the tree, each budget on the longest chain and the tree (MoE-Spec alone), the tree with
     adaptive verification alone and with each budget (truncation + budget), the controller cells."""
     cells = [Cell(f"chain:{g}", f"chain:{g}") for g in chains]
@@ -185,6 +187,7 @@ def make_cells(chains: list[int], tree: str | None, budgets: list[int], autos: l
     if tree and adaptive:
         cells.append(Cell(f"{tree} adaptive", tree, None, None, True))
         cells += [Cell(f"{tree} adaptive B={b}", tree, b, None, True) for b in budgets]
+        cells += [Cell(f"{tree} adaptive W={w}", tree, None, None, True, width=w) for w in widths]
     for auto in autos:
         cells.append(Cell(f"auto[{auto}]", "", None, auto))
         if long_lived:
@@ -209,7 +212,8 @@ def engine_for(cell: Cell, target, drafter, policy: str, test_steps: int, profil
         return eng, (lambda: CascadeController(cands, test_steps=test_steps))
     budget = BudgetConfig(cell.budget, policy) if cell.budget is not None else None
     if cell.adaptive:
-        return SpecEngine(target, drafter, cell.tree, budget, verify="adaptive", profile=profile), None
+        return SpecEngine(target, drafter, cell.tree, budget, verify="adaptive", profile=profile,
+                          verify_width=cell.width), None
     return SpecEngine(target, drafter, cell.tree, budget), None
 
 
@@ -395,6 +399,9 @@ def parse_args(argv=None):
     ap.add_argument("--profile", default=None, help="cost profile for the adaptive-verification cells (a "
                     "`specmoe plan` JSON); default: measured here first (about 20 points)")
     ap.add_argument("--no-adaptive", action="store_true", help="skip the adaptive-verification cells")
+    ap.add_argument("--adaptive-widths", default="8",
+                    help="verify widths W of the '<tree> adaptive W=w' cells (comma list; '' = none): the truncated "
+                         "tree compacted to W nodes per request before verification")
     ap.add_argument("--budgets", default=None, help="budgets B for the longest chain and the tree "
                     "(default: qwen3 16,32; tiny 4,6; else E/8,E/4)")
     ap.add_argument("--budget-policy", default="substitute", choices=["substitute", "truncate"])
@@ -477,7 +484,9 @@ def main(argv=None) -> int:
     autos = [] if auto.lower() == "none" else [x.strip() for x in auto.split("|") if x.strip()]
     if a.quick:
         chains, tree, budgets, autos = [max(chains)], None, budgets[:1], autos[:1]
-    cells = make_cells(chains, tree, budgets, autos, adaptive=not a.no_adaptive, long_lived=a.auto_long_lived)
+    widths = tuple(int(w) for w in a.adaptive_widths.split(",") if w.strip()) if a.adaptive_widths else ()
+    cells = make_cells(chains, tree, budgets, autos, adaptive=not a.no_adaptive, long_lived=a.auto_long_lived,
+                       widths=widths)
     profile = None
     if any(c.adaptive for c in cells):
         profile = cost_profile(a, target, draft, bss, budgets, dev)

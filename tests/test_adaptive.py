@@ -198,3 +198,53 @@ def test_gpu_adaptive_loop_never_synchronizes(graphs):
         second = eng.generate(prompts, 24)
     assert second.tokens == first.tokens == generate(t, prompts, 24, cuda_graph=False).tokens
     assert second.cuda_graph == graphs and all(s.replayed == graphs for s in second.steps)
+
+
+def test_compact_tree_keeps_the_best_nodes_in_creation_order():
+    """A hand-made tree: root 0; 1, 2 children of 0; 3 child of 1; 4 child of 2; 5 child of 3. Keys (gains)
+    non-increasing along paths; width 4 keeps the root and the 3 best (ties to the lower index), remaps
+    parents, rebuilds ancestors, children and fed, and pads when fewer nodes are valid."""
+    from specmoe_ext.speculative.tree import compact_tree
+    tok = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    par = torch.tensor([[-1, 0, 0, 1, 2, 3]])
+    tree = DraftTree.from_parents(tok, par, logp=torch.tensor([[0.0, -0.1, -0.5, -0.2, -0.9, -0.3]]))
+    tree.fed = torch.tensor([[0, 1, 2, 3, -1, -1]])
+    key = torch.tensor([[1.0, 0.9, 0.5, 0.8, 0.2, 0.5]])
+    c = compact_tree(tree, key, 4)                     # best: 1 (0.9), 3 (0.8), then 2 / 5 tie at 0.5 -> 2
+    assert c.tokens.tolist() == [[10, 11, 12, 13]] and c.parent.tolist() == [[-1, 0, 0, 1]]
+    assert c.depth.tolist() == [[0, 1, 1, 2]] and c.valid.all() and c.fed.tolist() == [[0, 1, 2, 3]]
+    A = c.ancestors()[0].int().tolist()
+    assert A == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]]
+    assert c.kids[0, 0, :2].tolist() == [1, 2] and c.kids[0, 1, 0].item() == 3
+    tree.valid[0, 2:] = False                          # only 0 and 1 valid: the rest of the width is padding
+    p = compact_tree(tree, key, 4)
+    assert p.valid.tolist() == [[True, True, False, False]] and p.parent.tolist() == [[-1, 0, 0, 0]]
+    assert compact_tree(tree, key, 6) is tree
+    with pytest.raises(ValueError, match="width must be in"):
+        compact_tree(tree, key, 7)
+
+
+@pytest.mark.parametrize("tree,width", [("static:2,2,1", 5), ("dynamic:topk=3,depth=4,tokens=16", 6)])
+@pytest.mark.parametrize("kind", ["model", "self", "ngram", "eagle"])
+def test_greedy_with_compacted_verification_equals_autoregressive(tiny, eagle_dir, kind, tree, width):
+    """verify_width: at most `width` nodes per request, verified as a `width`-node tree (the drafters' commit,
+    the draft-cache compaction and EAGLE's features follow the compacted indices)."""
+    target, draft = tiny
+    ref = generate(target, PROMPTS, 20).tokens
+    eng = SpecEngine(target, _drafter(kind, target, draft, eagle_dir), tree, verify="adaptive",
+                     profile=linear_profile(1.0, 0.05), verify_width=width)
+    res = eng.generate(PROMPTS, 20)
+    assert res.tokens == ref, (kind, tree)
+    s = res.summary()
+    assert s["nodes_verified_per_step"] <= width and (s["nodes_drafted_per_step"] > width or kind == "ngram")
+
+
+def test_verify_width_is_checked(tiny):
+    target, draft = tiny
+    prof = linear_profile(1.0, 0.1)
+    with pytest.raises(ValueError, match="needs verify='adaptive'"):
+        SpecEngine(target, ModelDrafter(draft, target), "static:2,2,1", verify_width=4)
+    with pytest.raises(ValueError, match=r"verify_width must be in \[4, 11\]"):
+        SpecEngine(target, ModelDrafter(draft, target), "static:2,2,1", verify="adaptive", profile=prof, verify_width=3)
+    with pytest.raises(ValueError, match=r"verify_width must be in \[4, 11\]"):
+        SpecEngine(target, ModelDrafter(draft, target), "static:2,2,1", verify="adaptive", profile=prof, verify_width=12)

@@ -139,13 +139,15 @@ def test_one_host_read_per_step_under_the_controller(tiny, eagle_dir, kind):
     assert counts == collections.Counter(tolist=steps), (dict(counts), steps)
 
 
+@pytest.mark.parametrize("width", [None, 5])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_one_host_read_per_step_with_adaptive_verification(tiny, temperature):
-    """Truncation, calibration and the activation-rate estimate all live on the device."""
+def test_one_host_read_per_step_with_adaptive_verification(tiny, temperature, width):
+    """Truncation, calibration, the activation-rate estimate and the compaction to `width` nodes all live on
+    the device."""
     from test_adaptive import linear_profile
     target, draft = tiny
     eng = SpecEngine(target, ModelDrafter(draft, target), "static:2,2,1", verify="adaptive",
-                     profile=linear_profile(1.0, 0.5))
+                     profile=linear_profile(1.0, 0.5), verify_width=width)
     with counting_loop_reads() as counts:
         res = eng.generate(PROMPTS, 16, SamplingParams(temperature=temperature, seed=3))
     steps = len(res.steps)

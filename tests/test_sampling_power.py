@@ -174,3 +174,22 @@ def test_adaptive_truncation_keeps_the_targets_distribution(setup, tree, rule):
     assert sum(a for st in res.steps for a in st.accepted) > 0.05 * n
     p = pvalue(pair_counts(res.tokens, target.args.vocab_size), joint)
     assert p > ALPHA, p
+
+
+@pytest.mark.parametrize("tree,rule,width", [("static:2,1", "q", 3), ("dynamic:topk=2,depth=2,tokens=4", "target", 3)])
+def test_compacted_verification_keeps_the_targets_distribution(setup, tree, rule, width):
+    """Adaptive truncation capped at `width` nodes per request and verified as a width-node tree (siblings
+    drawn i.i.d. are dropped by index, never by their sampled token): the emitted pairs keep the target's
+    distribution."""
+    from test_adaptive import linear_profile
+    target, draft, prompt, joint = setup
+    n = 8000
+    sp = SamplingParams(temperature=SP.temperature, top_k=SP.top_k, seed=17)
+    eng = SpecEngine(target, ModelDrafter(draft, target), tree, rule=rule, verify="adaptive",
+                     profile=linear_profile(0.4 * n, 0.03), verify_width=width)
+    res = eng.generate([prompt] * n, 2, sp)
+    s = res.summary()
+    assert s["nodes_verified_per_step"] <= width < s["nodes_drafted_per_step"]
+    assert sum(a for st in res.steps for a in st.accepted) > 0.05 * n
+    p = pvalue(pair_counts(res.tokens, target.args.vocab_size), joint)
+    assert p > ALPHA, p

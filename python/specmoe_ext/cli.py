@@ -205,6 +205,10 @@ def _add_spec_args(p: argparse.ArgumentParser, draft_default: str | None, budget
                        help="full: verify every drafted node; adaptive: each step verifies only the cost-effective "
                             "prefix of each tree (lossless; needs --profile; not yet measured to pay on a GPU, "
                             "hence not the default)")
+        g.add_argument("--verify-width", type=int, default=None, metavar="W",
+                       help="--verify adaptive: keep at most W nodes per request and verify them as a W-node tree, "
+                            "so the verify forward costs W tokens per request, not the drafted tree's size "
+                            "(tree depth + 1 <= W <= tree nodes)")
         g.add_argument("--profile", metavar="FILE",
                        help="a `specmoe plan` profile JSON: the cost model of --verify adaptive, and for "
                             "--spec auto the warm start (candidates predicted below 0.9x autoregressive are "
@@ -550,7 +554,7 @@ def _spec_engine(a: argparse.Namespace, target, src: _Source, dtype, cmd: str, b
         verify = getattr(a, "verify", "full")
         profile = _load_profile(a, cmd) if verify == "adaptive" else None
         return SpecEngine(target, drafter, spec, bcfg, a.accept, cuda_graph=not getattr(a, "no_cuda_graph", False),
-                          verify=verify, profile=profile)
+                          verify=verify, profile=profile, verify_width=getattr(a, "verify_width", None))
     except ValueError as e:                           # CheckpointError, TreeSpecError, DraftVocabError, ...
         _fail(cmd, e)
 
@@ -636,6 +640,17 @@ def _check_generate_flags(a: argparse.Namespace):
     if a.verify == "adaptive" and not a.profile:
         _fail("generate", "--verify adaptive needs --profile: the cost profile `specmoe plan` measures for this "
                           "model and device")
+    if a.verify_width is not None:
+        if a.verify != "adaptive":
+            _fail("generate", "--verify-width applies to --verify adaptive")
+        from .speculative import TreeSpec
+        try:
+            spec = TreeSpec.parse(a.tree)
+        except ValueError as e:
+            _fail("generate", f"--tree {a.tree!r}: {e}")
+        if not spec.max_depth + 1 <= a.verify_width <= spec.max_nodes:
+            _fail("generate", f"--verify-width {a.verify_width}: must be in [{spec.max_depth + 1}, {spec.max_nodes}] "
+                              f"for --tree {a.tree} (depth {spec.max_depth}, {spec.max_nodes} nodes)")
     if a.spec == "fixed":
         ignored = [f for f, v in (("--profile", a.profile and a.verify != "adaptive"),
                                   ("--spec-candidates", a.spec_candidates != DEFAULT_CANDIDATES),

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .perf_model import PerfProfile
-from .tree import DraftTree
+from .tree import DraftTree, compact_tree
 
 BUCKETS = 12                     # confidence buckets on a log scale: [1, 1/2), [1/2, 1/4), ... , [2^-11, 0]
 PRIOR = 2.0                      # pseudo-trials at the bucket's own confidence (geometric midpoint)
@@ -101,10 +101,12 @@ class AdaptiveVerifier:
         base = torch.exp(torch.minimum(t, torch.full_like(t, knee)) * ls)
         return torch.where(t <= knee, base, base * (1 + ls * (t - knee)))
 
-    def verify_time(self, t: Tensor, budget: int | None) -> Tensor:
-        """Predicted target-forward seconds over t tokens (tensor), MoESD with the online activation rate."""
+    def verify_time(self, t: Tensor, budget: int | None, t_experts: Tensor | None = None) -> Tensor:
+        """Predicted target-forward seconds over t tokens (tensor), MoESD with the online activation rate; the
+        distinct experts come from t_experts tokens (default t: a compacted tree's padding nodes run the
+        forward but route to their root's experts)."""
         bias, k1, k2, k3, s, lam = self._p
-        n = self.E * (1 - (1 - self.rho) ** t)
+        n = self.E * (1 - (1 - self.rho) ** (t if t_experts is None else t_experts))
         if budget is not None:
             n = n.clamp(max=float(budget))
         n = n.clamp_min(1e-6)
@@ -119,20 +121,39 @@ class AdaptiveVerifier:
     # ---- the two step hooks ---------------------------------------------------------------------------------
     def truncate(self, batch, tree: DraftTree, plan) -> Tensor:
         """Invalidate (in place) the nodes not worth verifying -> the predicted step time [1] (seconds)."""
+        return self._truncate(batch, tree, plan, None)[0]
+
+    def truncate_to_width(self, batch, tree: DraftTree, plan, width: int) -> tuple[DraftTree, Tensor]:
+        """`truncate` with at most width - 1 nodes beyond the root per request, then the kept nodes compacted
+        into a tree of `width` nodes (tree.compact_tree): the verify forward runs over bs * width tokens
+        instead of every drafted node -> (that tree, the predicted step time [1])."""
+        predicted, gains = self._truncate(batch, tree, plan, width)
+        return compact_tree(tree, gains, width), predicted
+
+    def _truncate(self, batch, tree: DraftTree, plan, width: int | None) -> tuple[Tensor, Tensor]:
         bs, T = tree.tokens.shape
         live = ~batch.finished
-        g = self.gains(tree, plan.rule, live)[:, 1:].reshape(-1)                # non-root nodes, row-major
+        gains = self.gains(tree, plan.rule, live)
+        g = gains[:, 1:]
+        if width is not None:          # a request's own width - 1 best nodes only (ties: lower index)
+            rank = torch.sort(g, dim=1, descending=True, stable=True).indices.argsort(dim=1)
+            g = torch.where(rank < width - 1, g, torch.zeros_like(g))
+        g = g.reshape(-1)                                                       # non-root nodes, row-major
         order = torch.sort(g, descending=True, stable=True).indices
         cum = torch.cat([g.new_zeros(1), g[order].cumsum(0)])                   # [bs*(T-1) + 1]
         m = torch.arange(cum.numel(), device=g.device, dtype=torch.float32)
         n_live = live.sum().float()
         budget = plan.budget.budget if plan.budget is not None and isinstance(plan.budget.budget, int) else None
-        time = self.fixed_time(bs, plan) + self.verify_time(bs + m, budget)
+        if width is None:
+            time = self.fixed_time(bs, plan) + self.verify_time(bs + m, budget)
+        else:                          # the compacted forward always runs bs * width tokens
+            time = self.fixed_time(bs, plan) + self.verify_time(torch.full_like(m, bs * width), budget, bs + m)
         best = ((n_live + cum) / time).argmax()
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=g.device))
         keep = (rank < best).view(bs, T - 1) & (g.view(bs, T - 1) > 0)
         tree.valid[:, 1:] &= keep
-        return time.gather(0, best.reshape(1))      # not time[best]: a 0-d index tensor is read on the host
+        kept = torch.cat([gains[:, :1], torch.where(keep, gains[:, 1:], torch.zeros_like(gains[:, 1:]))], 1)
+        return time.gather(0, best.reshape(1)), kept    # not time[best]: a 0-d index tensor is read on the host
 
     def observe(self, tree: DraftTree, verdict, plan) -> None:
         """Update the calibration from this step's accepted paths (every valid node whose parent was

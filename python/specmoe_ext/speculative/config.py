@@ -82,6 +82,7 @@ class StepPlan:
     hidden_layers: tuple[int, ...] = ()    # target features the drafter consumes (EAGLE-3)
     mask_padding: bool = False             # invalid tree nodes skip the experts (drafters that pad, adaptive)
     adaptive: bool = False                 # truncate the tree to its cost-effective prefix (adaptive.py)
+    verify_width: int | None = None        # adaptive: verify a compacted tree of this many nodes per request
 
     def __post_init__(self):
         if self.sampling.seed is not None:

@@ -123,11 +123,13 @@ class SpecEngine:
     rule for dynamic ones). cuda_graph: on the GPU every step (drafting included) is captured per key and
     replayed; False runs eagerly. verify: "full" (every drafted node) or "adaptive" (adaptive.py: each step
     keeps the cost-effective prefix of each tree; needs `profile`, a perf_model.PerfProfile from
-    `specmoe plan`). Every argument is checked here, before any work."""
+    `specmoe plan`); verify_width W (adaptive only): at most W nodes per request are kept and verified as a
+    W-node tree, so the verify forward costs bs * W tokens whatever the drafted tree's size. Every argument
+    is checked here, before any work."""
 
     def __init__(self, target: Transformer, drafter: Drafter | None, tree: str | TreeSpec = "chain:4",
                  budget: BudgetConfig | None = None, rule: str = "auto", cuda_graph: bool = True,
-                 verify: str = "full", profile=None):
+                 verify: str = "full", profile=None, verify_width: int | None = None):
         self.target, self.drafter = target, drafter
         self.spec = TreeSpec.parse(tree) if drafter is not None else TreeSpec.ROOT
         if budget is not None:
@@ -139,6 +141,15 @@ class SpecEngine:
         self.budget, self.rule = budget, rule
         self.cuda_graph = cuda_graph
         self.adaptive = self._adaptive(verify, profile)
+        if verify_width is not None:
+            if self.adaptive is None:
+                raise ValueError("verify_width compacts the adaptively truncated tree: it needs verify='adaptive'")
+            lo = self.spec.max_depth + 1          # room for the deepest path (the record's fixed width)
+            if not lo <= int(verify_width) <= self.spec.max_nodes:
+                raise ValueError(f"verify_width must be in [{lo}, {self.spec.max_nodes}] (the tree {self.spec} has "
+                                 f"depth {self.spec.max_depth} and {self.spec.max_nodes} nodes), got {verify_width}")
+            verify_width = None if int(verify_width) == self.spec.max_nodes else int(verify_width)
+        self.verify_width = verify_width
         self._ws: _Workspace | None = None
 
     def _adaptive(self, verify: str, profile):
@@ -192,7 +203,9 @@ class SpecEngine:
         return StepPlan(spec, resolve_rule(self.rule, spec, sampling.greedy), sampling, budget,
                         lag if (d is not None and spec.speculates and d.catches_up) else 0,
                         d.hidden_layers if d is not None else (),
-                        bool(d is not None and (d.pads or adaptive) and spec.speculates), adaptive)
+                        bool(d is not None and (d.pads or adaptive) and spec.speculates), adaptive,
+                        self.verify_width if adaptive and self.verify_width is not None
+                        and self.verify_width < spec.max_nodes else None)
 
     def _controller_plans(self, controller, budget_style: BudgetConfig | None) -> dict:
         """Setting -> (spec, budget) for every candidate; raises ValueError before any work. A setting's k is

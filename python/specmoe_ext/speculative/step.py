@@ -30,13 +30,18 @@ def speculative_step(target: Transformer, drafter, batch: SpecBatch, plan: StepP
     batch.prefix.copy_(batch.cache.lengths)
     # 1. draft: a tree of fixed shape [bs, T] per request (root only when speculation is off). A drafter
     #    first catches up on the tokens committed since it last ran, from device state. Adaptive
-    #    verification then keeps the nodes whose calibrated gain pays for their predicted cost.
+    #    verification then keeps the nodes whose calibrated gain pays for their predicted cost (with a
+    #    verify width W: at most W per request, compacted into a W-node tree that the target verifies).
     if plan.speculates:
         tree = drafter.propose(batch, plan)
     else:
         tree = DraftTree.root_only(batch.root)
     drafted = tree.n_valid()
-    predicted = adaptive.truncate(batch, tree, plan) if plan.adaptive else None
+    predicted = None
+    if plan.adaptive and plan.verify_width is not None:     # ... and verifies them as a smaller tree
+        tree, predicted = adaptive.truncate_to_width(batch, tree, plan, plan.verify_width)
+    elif plan.adaptive:
+        predicted = adaptive.truncate(batch, tree, plan)
     mark("draft")
     # 2. verify: node i at position L + depth_i and slot L + i sees the prefix and its ancestors; one target
     #    forward for all nodes; accept the deepest path the target agrees with (greedy), or sample

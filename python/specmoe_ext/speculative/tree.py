@@ -459,3 +459,41 @@ def _finalize(g: GrowingTree, spec: TreeSpec, sampled: bool) -> DraftTree:
     A = torch.where(keep[:, :, None], A, torch.eye(T, dtype=torch.bool, device=dev) | (ar == 0))
     fed = torch.where(keep, torch.gather(g.fed, 1, sel), torch.full_like(sel, -1))
     return DraftTree(tokens, parent, depth, keep, logp, pack_bits(A), fed, None, spec.max_depth, None, False)
+
+
+def compact_tree(tree: DraftTree, key: Tensor, width: int) -> DraftTree:
+    """The `width` best nodes of every request's tree by `key` [bs, T] (larger first; the root always kept;
+    invalid nodes and key -inf never chosen before valid ones), as a tree of `width` nodes in creation order:
+    what adaptive verification's verify forward runs over, so its cost follows the kept nodes, not the
+    drafted ones. The key must not increase from a node to its children (a gain or a path log-probability;
+    ties go to the lower index, the parent), so the selection is closed under ancestors. Kept nodes that are
+    invalid (a request with fewer than `width` valid nodes) are padding re-hung under the root, as in a
+    dynamic tree. tokens / parent / depth / ancestors / fed / q follow the selection; the children table is
+    rebuilt with the same width. Device tensors only, fixed shapes (graph-capturable)."""
+    bs, T = tree.tokens.shape
+    if not 1 <= width <= T:
+        raise ValueError(f"compact_tree: width must be in [1, {T}], got {width}")
+    if width == T:
+        return tree
+    dev = tree.tokens.device
+    k = torch.where(tree.valid, key.float(), torch.full_like(key, float("-inf"), dtype=torch.float32))
+    k[:, 0] = float("inf")
+    order = torch.sort(k, dim=1, descending=True, stable=True).indices
+    sel = torch.sort(order[:, :width], dim=1).values                              # [bs, W] creation order
+    keep = torch.gather(tree.valid, 1, sel) & (torch.gather(k, 1, sel) > float("-inf"))
+    ar = torch.arange(width, device=dev)
+    new_of = torch.full((bs, T), -1, dtype=torch.long, device=dev).scatter(1, sel, ar.expand(bs, width))
+    old_parent = torch.gather(tree.parent, 1, sel)
+    parent = torch.where(old_parent >= 0, torch.gather(new_of, 1, old_parent.clamp_min(0)), old_parent)
+    parent = torch.where(keep | (ar == 0), parent, torch.zeros_like(parent))
+    parent[:, 0] = -1
+    tokens = torch.where(keep, torch.gather(tree.tokens, 1, sel), torch.zeros_like(sel))
+    logp = torch.where(keep, torch.gather(tree.logp, 1, sel), torch.full((bs, width), float("-inf"), device=dev))
+    logp[:, 0] = 0.0
+    depth = torch.where(keep, torch.gather(tree.depth, 1, sel), (ar > 0).long().expand(bs, width))
+    A = tree.ancestors()[torch.arange(bs, device=dev)[:, None, None], sel[:, :, None], sel[:, None, :]]
+    A = torch.where(keep[:, :, None], A, torch.eye(width, dtype=torch.bool, device=dev) | (ar == 0))
+    fed = torch.where(keep, torch.gather(tree.fed, 1, sel), torch.full_like(sel, -1))
+    kids = None if tree.kids is None else children_table(parent, keep, tree.kids.shape[-1])
+    return DraftTree(tokens, parent, depth, keep, logp, pack_bits(A), fed, kids, tree.max_depth, tree.q,
+                     tree.sampled)
