@@ -75,6 +75,11 @@ def _gen(*argv):
     (["--draft", "model", "--spec", "auto", "--spec-candidates", "k=2;budget=9"],
      r"--spec-candidates budget 9: expert budget 9 exceeds the 8 experts"),
     (["--draft", "model", "--spec", "auto", "--profile-alpha", "2"], r"--profile-alpha must be in \[0, 1\]"),
+    (["--draft", "model", "--verify-width", "4"], r"^specmoe generate: --verify-width applies to --verify adaptive$"),
+    (["--draft", "model", "--verify", "adaptive", "--profile", "p.json", "--tree", "static:2,2,1", "--verify-width", "3"],
+     r"--verify-width 3: must be in \[4, 11\] for --tree static:2,2,1 \(depth 3, 11 nodes\)"),
+    (["--draft", "model", "--verify", "adaptive", "--profile", "p.json", "--tree", "chain:4", "--verify-width", "9"],
+     r"--verify-width 9: must be in \[5, 5\]"),
     (["--max-new-tokens", "5000"], r"^specmoe generate: the longest prompt \(3 tokens\) \+ --max-new-tokens 5000: 5003 "
                                    r"positions exceed max_position_embeddings=2048 of tiny; lower --max-new-tokens, "
                                    r"or pass --allow-long-context to run past it$"),
