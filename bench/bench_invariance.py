@@ -78,15 +78,15 @@ class Recorder:
 
 
 @torch.no_grad()
-def run(model, prompts: list[list[int]], chain: torch.Tensor, one_forward: bool) -> dict[str, torch.Tensor]:
-    """prompts (equal lengths), chain [bs, T] -> per component [bs, T, ...] outputs of the T chain tokens, fed
-    one per forward (one_forward=False) or all in one chain-shaped forward."""
+def run(model, prompts: list[list[int]], chain: torch.Tensor,
+        one_forward: bool) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """prompts (equal lengths), chain [bs, T] -> (per component [bs, T, ...] outputs of the T chain tokens, fed
+    one per forward (one_forward=False) or all in one chain-shaped forward; the components in forward order)."""
     dev = model.tok_embeddings.weight.device
     bs, T = chain.shape
     cache = KVCache.for_model(model, bs, len(prompts[0]) + T + 1)
     prefill(model, prompts, cache)
     rec = Recorder(model)
-    run.names = rec.names + ["logits"]
     steps = []
     try:
         widths = [T] if one_forward else [1] * T
@@ -103,7 +103,7 @@ def run(model, prompts: list[list[int]], chain: torch.Tensor, one_forward: bool)
             start += n
     finally:
         rec.close()
-    return {k: torch.cat([s[k] for s in steps], 1) for k in steps[0]}
+    return {k: torch.cat([s[k] for s in steps], 1) for k in steps[0]}, rec.names + ["logits"]
 
 
 def compare(a: dict, b: dict, names: list[str], rows_a=slice(None), rows_b=slice(None)) -> list[dict]:
@@ -151,10 +151,9 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(a.seed)
     prompts = torch.randint(0, V, (a.batch_size, a.prompt_len), generator=g).tolist()
     chain = torch.randint(0, V, (a.batch_size, a.tokens), generator=g).to(dev)
-    dec = run(model, prompts, chain, one_forward=False)
-    names = run.names
-    ver = run(model, prompts, chain, one_forward=True)
-    alone = run(model, prompts[:1], chain[:1], one_forward=False)
+    dec, names = run(model, prompts, chain, one_forward=False)
+    ver, _ = run(model, prompts, chain, one_forward=True)
+    alone, _ = run(model, prompts[:1], chain[:1], one_forward=False)
     cmp_tokens = compare(dec, ver, names)
     cmp_batch = compare(dec, alone, names, rows_a=slice(0, 1))
     argmax = float((dec["logits"].argmax(-1) == ver["logits"].argmax(-1)).float().mean())

@@ -79,10 +79,9 @@ def test_verify_logits_are_the_decode_logits_bit_for_bit(dtype):
     g = torch.Generator().manual_seed(3)
     prompts = torch.randint(0, 2048, (3, 11), generator=g).tolist()
     chain = torch.randint(0, 2048, (3, 6), generator=g)
-    dec = bench_invariance.run(model, prompts, chain, one_forward=False)
-    names = bench_invariance.run.names
-    ver = bench_invariance.run(model, prompts, chain, one_forward=True)
-    alone = bench_invariance.run(model, prompts[:1], chain[:1], one_forward=False)
+    dec, names = bench_invariance.run(model, prompts, chain, one_forward=False)
+    ver, _ = bench_invariance.run(model, prompts, chain, one_forward=True)
+    alone, _ = bench_invariance.run(model, prompts[:1], chain[:1], one_forward=False)
     assert bench_invariance.first_difference(bench_invariance.compare(dec, ver, names)) is None
     assert bench_invariance.first_difference(bench_invariance.compare(dec, alone, names, rows_a=slice(0, 1))) is None
 

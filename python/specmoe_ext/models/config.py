@@ -36,6 +36,16 @@ MAX_EXPERTS = 512
 MAX_TOP_K = 16
 
 
+def check_experts(e_key: str, E: int, K: int) -> None:
+    """E experts and top-K routing within the routing kernels' limits (e_key: the config key E came from)."""
+    if E > MAX_EXPERTS:
+        raise UnsupportedModelError(f"{e_key}={E} exceeds the {MAX_EXPERTS} experts per layer the routing kernels "
+                                    f"support")
+    if not K <= min(E, MAX_TOP_K):
+        raise UnsupportedModelError(f"num_experts_per_tok={K} must be in [1, min({e_key}={E}, {MAX_TOP_K})] "
+                                    f"({MAX_TOP_K} = the routing kernels' top-k limit)")
+
+
 # HF architecture name -> family (the model_type transformers uses).
 SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "MixtralForCausalLM": "mixtral",
@@ -393,12 +403,7 @@ def _parse(cfg: dict[str, Any]) -> ModelArgs:
         e_key = next((k for k in ("num_experts", "num_local_experts") if cfg.get(k) is not None),
                      "num_local_experts" if fam == "mixtral" else "num_experts")
         E, K = c.integer(e_key), c.integer("num_experts_per_tok")
-        if E > MAX_EXPERTS:
-            raise UnsupportedModelError(f"{e_key}={E} exceeds the {MAX_EXPERTS} experts per layer the routing "
-                                        f"kernels support")
-        if not K <= min(E, MAX_TOP_K):
-            raise UnsupportedModelError(f"num_experts_per_tok={K} must be in [1, min({e_key}={E}, {MAX_TOP_K})] "
-                                        f"({MAX_TOP_K} = the routing kernels' top-k limit)")
+        check_experts(e_key, E, K)
         kw.update(n_experts=E, top_k=K)
         if fam in ("mixtral", "olmoe"):
             # These two store the expert FFN size in `intermediate_size` and have no dense layers.

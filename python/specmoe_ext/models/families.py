@@ -29,8 +29,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import (MAX_EXPERTS, MAX_TOP_K, MLAArgs, ModelArgs, RouterArgs, UnsupportedModelError, _as_float, _as_int,
-                     _Config, _exact_context, _REQUIRED, _rope, _token_id, token_ids)
+from .config import (MLAArgs, ModelArgs, RouterArgs, UnsupportedModelError, _as_float, _as_int,
+                     _Config, _exact_context, _REQUIRED, _rope, _token_id, check_experts, token_ids)
 
 # transformers 5.17 class defaults for the keys a config.json may omit (core sizes are required)
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -65,15 +65,6 @@ def _yarn_mscale(scale: float, m: float) -> float:
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
-def _check_experts(e_key: str, E: int, K: int) -> None:
-    if E > MAX_EXPERTS:
-        raise UnsupportedModelError(f"{e_key}={E} exceeds the {MAX_EXPERTS} experts per layer the routing kernels "
-                                    f"support")
-    if not K <= min(E, MAX_TOP_K):
-        raise UnsupportedModelError(f"num_experts_per_tok={K} must be in [1, min({e_key}={E}, {MAX_TOP_K})] "
-                                    f"({MAX_TOP_K} = the routing kernels' top-k limit)")
-
-
 def _groups(c: _Config, E: int, K: int, scoring: str, G: int | None = None, TG: int | None = None) -> tuple[int, int]:
     """(n_group, topk_group), checked against the routing op's rules; errors name the config keys."""
     G = c.integer("n_group") if G is None else G
@@ -92,7 +83,7 @@ def _groups(c: _Config, E: int, K: int, scoring: str, G: int | None = None, TG: 
 
 def _moe_structure(c: _Config, L: int, *, e_key: str = "n_routed_experts") -> dict[str, Any]:
     E, K = c.integer(e_key), c.integer("num_experts_per_tok")
-    _check_experts(e_key, E, K)
+    check_experts(e_key, E, K)
     k_dense = c.integer("first_k_dense_replace", minimum=0)
     f = c.integer("moe_intermediate_size")
     n_shared = c.integer("n_shared_experts", minimum=0)
@@ -178,7 +169,7 @@ def _glm4_moe(c: _Config, L: int, head_dim: int, prf: float) -> dict[str, Any]:
 
 def _gpt_oss(c: _Config, L: int) -> dict[str, Any]:
     E, K = c.integer("num_local_experts"), c.integer("num_experts_per_tok")
-    _check_experts("num_local_experts", E, K)
+    check_experts("num_local_experts", E, K)
     lt = c.cfg.get("layer_types")
     if lt is None:
         lt = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]

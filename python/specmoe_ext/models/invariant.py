@@ -70,5 +70,6 @@ def set_batch_invariant(model: nn.Module, chunk: int | None = None) -> int:
                 m.chunk = chunk
             else:
                 m.__class__ = nn.Linear
+                del m.chunk
     model.invariant_chunk = chunk
     return chunk

@@ -320,8 +320,8 @@ class MoEFeedForward(nn.Module):
         xf = x.reshape(-1, shape[-1])                                  # [N, h]
         ra = self.router_args
         if ra.fp32_logits:                                             # DeepSeek / GLM: float32 router logits
-            chunk = getattr(self.gate, "chunk", 0) if type(self.gate) is not nn.Linear else 0
-            if chunk:                  # batch-invariant mode (invariant.py)
+            chunk = getattr(self.gate, "chunk", 0)
+            if chunk:                  # batch-invariant mode (invariant.py: an InvariantLinear gate)
                 from .invariant import invariant_linear
                 logits = invariant_linear(xf.float(), self.gate.weight.float(), None, chunk)
             else:

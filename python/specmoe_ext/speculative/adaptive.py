@@ -123,12 +123,13 @@ class AdaptiveVerifier:
         """Invalidate (in place) the nodes not worth verifying -> the predicted step time [1] (seconds)."""
         return self._truncate(batch, tree, plan, None)[0]
 
-    def truncate_to_width(self, batch, tree: DraftTree, plan, width: int) -> tuple[DraftTree, Tensor]:
+    def truncate_to_width(self, batch, tree: DraftTree, plan, width: int | None) -> tuple[DraftTree, Tensor]:
         """`truncate` with at most width - 1 nodes beyond the root per request, then the kept nodes compacted
         into a tree of `width` nodes (tree.compact_tree): the verify forward runs over bs * width tokens
-        instead of every drafted node -> (that tree, the predicted step time [1])."""
+        instead of every drafted node -> (that tree, the predicted step time [1]). width None: `truncate`,
+        the tree kept whole."""
         predicted, gains = self._truncate(batch, tree, plan, width)
-        return compact_tree(tree, gains, width), predicted
+        return (tree if width is None else compact_tree(tree, gains, width)), predicted
 
     def _truncate(self, batch, tree: DraftTree, plan, width: int | None) -> tuple[Tensor, Tensor]:
         bs, T = tree.tokens.shape

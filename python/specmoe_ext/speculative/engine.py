@@ -200,12 +200,13 @@ class SpecEngine:
         if not spec.speculates:
             budget = None
         adaptive = self.adaptive is not None and spec.speculates
+        width = self.verify_width if adaptive else None
+        if width is not None and not spec.max_depth + 1 <= width < spec.max_nodes:
+            width = None                                # this plan's tree (a controller's) fits it whole
         return StepPlan(spec, resolve_rule(self.rule, spec, sampling.greedy), sampling, budget,
                         lag if (d is not None and spec.speculates and d.catches_up) else 0,
                         d.hidden_layers if d is not None else (),
-                        bool(d is not None and (d.pads or adaptive) and spec.speculates), adaptive,
-                        self.verify_width if adaptive and self.verify_width is not None
-                        and self.verify_width < spec.max_nodes else None)
+                        bool(d is not None and (d.pads or adaptive) and spec.speculates), adaptive, width)
 
     def _controller_plans(self, controller, budget_style: BudgetConfig | None) -> dict:
         """Setting -> (spec, budget) for every candidate; raises ValueError before any work. A setting's k is

@@ -38,10 +38,8 @@ def speculative_step(target: Transformer, drafter, batch: SpecBatch, plan: StepP
         tree = DraftTree.root_only(batch.root)
     drafted = tree.n_valid()
     predicted = None
-    if plan.adaptive and plan.verify_width is not None:     # ... and verifies them as a smaller tree
+    if plan.adaptive:
         tree, predicted = adaptive.truncate_to_width(batch, tree, plan, plan.verify_width)
-    elif plan.adaptive:
-        predicted = adaptive.truncate(batch, tree, plan)
     mark("draft")
     # 2. verify: node i at position L + depth_i and slot L + i sees the prefix and its ancestors; one target
     #    forward for all nodes; accept the deepest path the target agrees with (greedy), or sample

@@ -428,7 +428,6 @@ def _finalize(g: GrowingTree, spec: TreeSpec, sampled: bool) -> DraftTree:
     """The fixed-shape tree: chain / static keep every created node in creation order (invalid ones in
     place); dynamic keeps the spec.tokens best nodes by score (root first; closed under ancestors), in
     creation order, with invalid kept nodes re-hung under the root."""
-    bs, n, dev = g.bs, g.n, g.device
     q = torch.cat(g.q, 1) if sampled else None
     if spec.kind != "dynamic":
         tokens = torch.where(g.valid, g.tokens, torch.zeros_like(g.tokens))
@@ -436,29 +435,39 @@ def _finalize(g: GrowingTree, spec: TreeSpec, sampled: bool) -> DraftTree:
         logp[:, 0] = 0.0
         return DraftTree(tokens, g.parent, g.depth, g.valid, logp, pack_bits(g.anc), g.fed, g.kids,
                          spec.max_depth, q, sampled)
-    T = spec.tokens
-    key = torch.where(g.valid, g.score, torch.full_like(g.score, float("-inf")))
-    key[:, 0] = float("inf")                                   # the root is always kept
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices   # ties: created first
-    sel = torch.sort(order[:, :T], dim=1).values               # creation order: parents before children
-    keep = torch.gather(g.valid, 1, sel)
-    # Score-ordered selection is closed under ancestors (a child's score <= its parent's, ties broken
-    # towards the earlier-created parent); padding (invalid) nodes are re-hung under the root.
-    ar = torch.arange(T, device=dev)
-    new_of = torch.full((bs, n), -1, dtype=torch.long, device=dev).scatter(1, sel, ar.expand(bs, T))
-    old_parent = torch.gather(g.parent, 1, sel)
-    parent = torch.where(old_parent >= 0, torch.gather(new_of, 1, old_parent.clamp_min(0)), old_parent)
-    parent = torch.where(keep | (ar == 0), parent, torch.zeros_like(parent))
-    parent[:, 0] = -1
-    tokens = torch.where(keep, torch.gather(g.tokens, 1, sel), torch.zeros_like(sel))
-    logp = torch.where(keep, torch.gather(g.score, 1, sel), torch.full((bs, T), float("-inf"), device=dev))
-    logp[:, 0] = 0.0
-    depth = torch.where(keep, torch.gather(g.depth, 1, sel), (ar > 0).long().expand(bs, T))
-    # ancestors of the kept nodes, straight from the growing tree's matrix (padding: root + itself)
-    A = g.anc[torch.arange(bs, device=dev)[:, None, None], sel[:, :, None], sel[:, None, :]]
-    A = torch.where(keep[:, :, None], A, torch.eye(T, dtype=torch.bool, device=dev) | (ar == 0))
-    fed = torch.where(keep, torch.gather(g.fed, 1, sel), torch.full_like(sel, -1))
-    return DraftTree(tokens, parent, depth, keep, logp, pack_bits(A), fed, None, spec.max_depth, None, False)
+    tokens, parent, depth, keep, logp, anc, fed = _select(g.score, g.valid, spec.tokens, g.tokens, g.parent,
+                                                          g.depth, g.score, g.anc, g.fed)
+    return DraftTree(tokens, parent, depth, keep, logp, anc, fed, None, spec.max_depth, None, False)
+
+
+def _select(key: Tensor, valid: Tensor, width: int, tokens: Tensor, parent: Tensor, depth: Tensor, logp: Tensor,
+            anc: Tensor, fed: Tensor) -> tuple[Tensor, ...]:
+    """The `width` best nodes per request by key [bs, n] (root first, invalid nodes last), in creation order
+    -> (tokens, parent, depth, valid, logp, ancestor bits, fed) of that [bs, width] tree (anc: the bool
+    ancestor matrix [bs, n, n]). Score-ordered selection is closed under ancestors when a child's key never
+    exceeds its parent's (ties go to the earlier-created node, the parent); padding (invalid) nodes are
+    re-hung under the root."""
+    bs, n = key.shape
+    dev = key.device
+    k = torch.where(valid, key.float(), torch.full((bs, n), float("-inf"), device=dev))
+    k[:, 0] = float("inf")                                     # the root is always kept
+    order = torch.sort(k, dim=1, descending=True, stable=True).indices    # ties: created first
+    sel = torch.sort(order[:, :width], dim=1).values           # creation order: parents before children
+    keep = torch.gather(valid, 1, sel) & (torch.gather(k, 1, sel) > float("-inf"))
+    ar = torch.arange(width, device=dev)
+    new_of = torch.full((bs, n), -1, dtype=torch.long, device=dev).scatter(1, sel, ar.expand(bs, width))
+    old_parent = torch.gather(parent, 1, sel)
+    par = torch.where(old_parent >= 0, torch.gather(new_of, 1, old_parent.clamp_min(0)), old_parent)
+    par = torch.where(keep | (ar == 0), par, torch.zeros_like(par))
+    par[:, 0] = -1
+    toks = torch.where(keep, torch.gather(tokens, 1, sel), torch.zeros_like(sel))
+    lp = torch.where(keep, torch.gather(logp, 1, sel), torch.full((bs, width), float("-inf"), device=dev))
+    lp[:, 0] = 0.0
+    dep = torch.where(keep, torch.gather(depth, 1, sel), (ar > 0).long().expand(bs, width))
+    A = anc[torch.arange(bs, device=dev)[:, None, None], sel[:, :, None], sel[:, None, :]]
+    A = torch.where(keep[:, :, None], A, torch.eye(width, dtype=torch.bool, device=dev) | (ar == 0))
+    f = torch.where(keep, torch.gather(fed, 1, sel), torch.full_like(sel, -1))
+    return toks, par, dep, keep, lp, pack_bits(A), f
 
 
 def compact_tree(tree: DraftTree, key: Tensor, width: int) -> DraftTree:
@@ -475,25 +484,7 @@ def compact_tree(tree: DraftTree, key: Tensor, width: int) -> DraftTree:
         raise ValueError(f"compact_tree: width must be in [1, {T}], got {width}")
     if width == T:
         return tree
-    dev = tree.tokens.device
-    k = torch.where(tree.valid, key.float(), torch.full_like(key, float("-inf"), dtype=torch.float32))
-    k[:, 0] = float("inf")
-    order = torch.sort(k, dim=1, descending=True, stable=True).indices
-    sel = torch.sort(order[:, :width], dim=1).values                              # [bs, W] creation order
-    keep = torch.gather(tree.valid, 1, sel) & (torch.gather(k, 1, sel) > float("-inf"))
-    ar = torch.arange(width, device=dev)
-    new_of = torch.full((bs, T), -1, dtype=torch.long, device=dev).scatter(1, sel, ar.expand(bs, width))
-    old_parent = torch.gather(tree.parent, 1, sel)
-    parent = torch.where(old_parent >= 0, torch.gather(new_of, 1, old_parent.clamp_min(0)), old_parent)
-    parent = torch.where(keep | (ar == 0), parent, torch.zeros_like(parent))
-    parent[:, 0] = -1
-    tokens = torch.where(keep, torch.gather(tree.tokens, 1, sel), torch.zeros_like(sel))
-    logp = torch.where(keep, torch.gather(tree.logp, 1, sel), torch.full((bs, width), float("-inf"), device=dev))
-    logp[:, 0] = 0.0
-    depth = torch.where(keep, torch.gather(tree.depth, 1, sel), (ar > 0).long().expand(bs, width))
-    A = tree.ancestors()[torch.arange(bs, device=dev)[:, None, None], sel[:, :, None], sel[:, None, :]]
-    A = torch.where(keep[:, :, None], A, torch.eye(width, dtype=torch.bool, device=dev) | (ar == 0))
-    fed = torch.where(keep, torch.gather(tree.fed, 1, sel), torch.full_like(sel, -1))
+    tokens, parent, depth, keep, logp, anc, fed = _select(key, tree.valid, width, tree.tokens, tree.parent,
+                                                          tree.depth, tree.logp, tree.ancestors(), tree.fed)
     kids = None if tree.kids is None else children_table(parent, keep, tree.kids.shape[-1])
-    return DraftTree(tokens, parent, depth, keep, logp, pack_bits(A), fed, kids, tree.max_depth, tree.q,
-                     tree.sampled)
+    return DraftTree(tokens, parent, depth, keep, logp, anc, fed, kids, tree.max_depth, tree.q, tree.sampled)
